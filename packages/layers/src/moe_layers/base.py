@@ -1,0 +1,168 @@
+"""The one convention every layer in moe_layers follows for auxiliary losses and routing statistics.
+
+Auxiliary losses
+    A layer records its auxiliary (regularisation) losses during each forward pass in training mode,
+    already multiplied by their configured weights, with `self.record_aux_loss(name, value)`. In eval
+    mode no auxiliary loss is recorded. `collect_aux_losses(model)` walks every submodule and returns
+    `{name: sum over layers}` for the latest forward pass of each layer, so that a trainer adds
+    `sum(collect_aux_losses(model).values())` to its LM loss without knowing the layer types
+    (the σ-MoE paper sums its entropy regulariser over layers; so does fairseq with `--moe-loss-sum`).
+
+Routing statistics
+    A routed layer records a `RoutingStats` (detached, no gradient) on every forward pass, in training
+    and eval, with `self.record_routing_stats(...)`. `collect_routing_stats(model)` returns them keyed by
+    the qualified module name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+IMPLS = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What a routed layer did with the tokens of one forward pass.
+
+    expert_counts: [E] assignments (token, slot) each expert was selected for, before any dropping.
+    dropped: assignments removed by a capacity limit (0 for layers without one).
+    n_tokens: tokens routed.
+    entropy: entropy (nats) of the batch-averaged selection distribution over experts.
+    """
+
+    expert_counts: Tensor
+    dropped: int
+    n_tokens: int
+    entropy: float
+
+    @property
+    def usage(self) -> Tensor:
+        """Share of assignments per expert, [E], summing to 1 (all zeros when no token was routed)."""
+        total = self.expert_counts.sum()
+        return self.expert_counts.float() / total.clamp(min=1)
+
+
+class MoEModule(nn.Module):
+    """Base of every layer here: holds the latest forward pass's auxiliary losses and statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._aux_losses: dict[str, Tensor] = {}
+        self._routing_stats: RoutingStats | None = None
+
+    def record_aux_loss(self, name: str, value: Tensor) -> None:
+        self._aux_losses[name] = value
+
+    def record_routing_stats(
+        self, expert_counts: Tensor, n_tokens: int, probs_TE: Tensor | None = None, dropped: int = 0
+    ) -> None:
+        """probs_TE: each token's selection distribution over experts; its batch mean gives the entropy.
+
+        Without it, the entropy is that of the assignment counts.
+        """
+        with torch.no_grad():
+            if probs_TE is not None and probs_TE.shape[0] > 0:
+                p = probs_TE.float().mean(0)
+            else:
+                p = expert_counts.float() / expert_counts.sum().clamp(min=1)
+            entropy = float(-(p * torch.log(p.clamp(min=1e-30))).sum())
+        self._routing_stats = RoutingStats(
+            expert_counts=expert_counts.detach().cpu(),
+            dropped=int(dropped),
+            n_tokens=int(n_tokens),
+            entropy=entropy,
+        )
+
+    def _start_forward(self) -> None:
+        self._aux_losses = {}
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        return dict(self._aux_losses)
+
+    @property
+    def routing_stats(self) -> RoutingStats | None:
+        return self._routing_stats
+
+
+def collect_aux_losses(module: nn.Module) -> dict[str, Tensor]:
+    """Weighted auxiliary losses of the latest forward pass of every layer in `module`, summed per name."""
+    out: dict[str, Tensor] = {}
+    for m in module.modules():
+        if isinstance(m, MoEModule):
+            for name, value in m._aux_losses.items():
+                out[name] = out[name] + value if name in out else value
+    return out
+
+
+def collect_routing_stats(module: nn.Module) -> dict[str, RoutingStats]:
+    """Latest routing statistics of every routed layer in `module`, keyed by qualified module name."""
+    return {
+        name: m._routing_stats
+        for name, m in module.named_modules()
+        if isinstance(m, MoEModule) and m._routing_stats is not None
+    }
+
+
+def check_positive(**options: int | float) -> None:
+    for name, value in options.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}"
+        )
+
+
+def reference_expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation: str) -> Tensor:
+    """Readable reference of the expert computation: a loop over experts.
+
+    y[t] = sum_k gates[t, k] * act(x[t] @ w1[idx[t, k]]) @ w2[idx[t, k]].
+    """
+    act = ACTIVATIONS[activation]
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(w1_EDG.shape[0]):
+        tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = act(x_TD[tok] @ w1_EDG[e]) @ w2_EGD[e]
+        y_TD = y_TD.index_add(0, tok, h * gates_TK[tok, slot].unsqueeze(-1).to(h.dtype))
+    return y_TD
+
+
+class RoutedExperts(MoEModule):
+    """Base of the layers whose experts are two-layer MLPs `act(x @ w1[e]) @ w2[e]`.
+
+    A subclass routes each token to K experts (idx [T, K], gates [T, K]; a slot dropped by a capacity
+    limit has gate 0) and calls `self.expert_forward`. `impl="fast"` runs moe_kernels.expert_mlp,
+    `impl="reference"` the loop over experts above; `ExpertParallel` replaces `expert_forward` to
+    shard the experts across ranks.
+    """
+
+    def __init__(
+        self, d_model: int, n_experts: int, expert_size: int, activation: str, impl: str
+    ) -> None:
+        super().__init__()
+        check_positive(d_model=d_model, n_experts=n_experts, expert_size=expert_size)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("impl", impl, IMPLS)
+        self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
+        self.activation, self.impl = activation, impl
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
+        self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
+
+    def expert_forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        if self.impl == "reference":
+            return reference_expert_mlp(x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation)
+        import moe_kernels
+
+        return moe_kernels.expert_mlp(x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation)
