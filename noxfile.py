@@ -22,7 +22,6 @@ def sync(session: nox.Session, *args: str) -> None:
         "sync",
         "--frozen",
         "--no-default-groups",
-        "--inexact",
         *args,
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
     )
