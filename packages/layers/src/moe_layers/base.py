@@ -123,10 +123,20 @@ def check_choice(name: str, value: str, choices) -> None:
         )
 
 
-def reference_expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation: str) -> Tensor:
+def check_probability(**options: float) -> None:
+    """Dropout-like rates: in [0, 1)."""
+    for name, value in options.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def reference_expert_mlp(
+    x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation: str, hidden_dropout: float = 0.0
+) -> Tensor:
     """Readable reference of the expert computation: a loop over experts.
 
-    y[t] = sum_k gates[t, k] * act(x[t] @ w1[idx[t, k]]) @ w2[idx[t, k]].
+    y[t] = sum_k gates[t, k] * dropout(act(x[t] @ w1[idx[t, k]])) @ w2[idx[t, k]].
+    `hidden_dropout` > 0 applies (training-mode) dropout to the expert hidden activations.
     """
     act = ACTIVATIONS[activation]
     y_TD = torch.zeros_like(x_TD)
@@ -134,7 +144,10 @@ def reference_expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation: str
         tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = act(x_TD[tok] @ w1_EDG[e]) @ w2_EGD[e]
+        u = act(x_TD[tok] @ w1_EDG[e])
+        if hidden_dropout > 0:
+            u = F.dropout(u, hidden_dropout)
+        h = u @ w2_EGD[e]
         y_TD = y_TD.index_add(0, tok, h * gates_TK[tok, slot].unsqueeze(-1).to(h.dtype))
     return y_TD
 
@@ -146,23 +159,40 @@ class RoutedExperts(MoEModule):
     limit has gate 0) and calls `self.expert_forward`. `impl="fast"` runs moe_kernels.expert_mlp,
     `impl="reference"` the loop over experts above; `ExpertParallel` replaces `expert_forward` to
     shard the experts across ranks.
+
+    hidden_dropout: dropout on the expert hidden activations in training (the σ-MoE code's
+    `dropout`); the fast path then runs the two expert matmuls separately, since expert_mlp fuses them.
     """
 
     def __init__(
-        self, d_model: int, n_experts: int, expert_size: int, activation: str, impl: str
+        self,
+        d_model: int,
+        n_experts: int,
+        expert_size: int,
+        activation: str,
+        impl: str,
+        hidden_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive(d_model=d_model, n_experts=n_experts, expert_size=expert_size)
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("impl", impl, IMPLS)
+        check_probability(dropout=hidden_dropout)
         self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
         self.activation, self.impl = activation, impl
+        self.hidden_dropout = hidden_dropout
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
 
     def expert_forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        p = self.hidden_dropout if self.training else 0.0
         if self.impl == "reference":
-            return reference_expert_mlp(x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation)
+            return reference_expert_mlp(
+                x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation, hidden_dropout=p
+            )
         import moe_kernels
 
+        if p > 0:
+            u_TKG = ACTIVATIONS[self.activation](moe_kernels.expert_matmul(x_TD, self.w1, idx_TK))
+            return moe_kernels.expert_matmul(F.dropout(u_TKG, p), self.w2, idx_TK, gates_TK)
         return moe_kernels.expert_mlp(x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation)
