@@ -1,0 +1,160 @@
+"""The tokenised cache: each corpus is encoded once into memory-mapped .npy files.
+
+An entry is a folder `<name>-<digest of the key>/` holding `train.npy`, `valid.npy`, `test.npy`,
+`vocab.json` and `meta.json` (format version, the key, each source file's path, size,
+modification time and SHA-256, the dtype, the token counts and the vocabulary size). An entry
+is reused only when all of it reads back and matches; a source whose size changed, or whose
+modification time changed and whose hash no longer matches, makes the entry stale. A stale or
+corrupt entry is rebuilt. Entries are written into a temporary folder and renamed into place,
+so a reader never sees half an entry, and ranks that build the same entry at once do not clash.
+
+Where: `cache_dir` if given, else $MOE_DATA_CACHE, else $XDG_CACHE_HOME/moe-data, else
+~/.cache/moe-data. `cache_dir=False` turns caching off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from moe_data.vocab import vocab_from_json
+
+FORMAT = 1
+SPLITS = ("train", "valid", "test")
+log = logging.getLogger("moe_data")
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("MOE_DATA_CACHE"):
+        return Path(os.environ["MOE_DATA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "moe-data"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_source(path: Path) -> dict:
+    st = path.stat()
+    return {
+        "path": str(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": sha256_of(path),
+    }
+
+
+def _source_unchanged(recorded: dict) -> bool:
+    path = Path(recorded["path"])
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != recorded["size"]:
+        return False
+    if st.st_mtime_ns == recorded["mtime_ns"]:
+        return True
+    return sha256_of(path) == recorded["sha256"]
+
+
+def _entry_dir(root: Path, name: str, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40]
+    return root / f"{safe}-{digest}"
+
+
+def read_entry(entry: Path, key: dict):
+    """(vocab, {split: memmap}) when the entry is complete, current and intact, else None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("format") != FORMAT or meta.get("key") != key:
+            return None
+        if not all(_source_unchanged(s) for s in meta["sources"]):
+            log.info("moe-data cache %s is stale: a source changed", entry)
+            return None
+        vocab = vocab_from_json(json.loads((entry / "vocab.json").read_text()))
+        if vocab.size != meta["vocab_size"]:
+            return None
+        arrays = {}
+        for split in SPLITS:
+            arr = np.load(entry / f"{split}.npy", mmap_mode="r", allow_pickle=False)
+            if (
+                arr.ndim != 1
+                or arr.dtype != np.dtype(meta["dtype"])
+                or len(arr) != meta["counts"][split]
+            ):
+                return None
+            arrays[split] = arr
+        return vocab, arrays
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        log.info("moe-data cache %s is unreadable (%s); rebuilding", entry, err)
+        return None
+
+
+def _write_entry(tmp: Path, key: dict, sources: list[dict], vocab, arrays: dict) -> None:
+    dtype = vocab.dtype
+    for split in SPLITS:
+        np.save(tmp / f"{split}.npy", np.ascontiguousarray(arrays[split], dtype=dtype))
+    (tmp / "vocab.json").write_text(json.dumps(vocab.to_json()))
+    meta = {
+        "format": FORMAT,
+        "key": key,
+        "sources": sources,
+        "dtype": dtype.str,
+        "counts": {split: int(len(arrays[split])) for split in SPLITS},
+        "vocab_size": vocab.size,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def cached(
+    cache_dir,
+    name: str,
+    key: dict,
+    sources: list[Path],
+    build: Callable[[], tuple[object, dict]],
+):
+    """Return (vocab, {split: 1-D array}) from the cache, building and storing it when needed.
+
+    `key` holds everything besides the source contents that decides the tokens (kind, level,
+    split, tokenizer options); `sources` are the files whose contents do.
+    """
+    if cache_dir is False:
+        return build()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    # through JSON once, so that tuples compare equal to what meta.json gives back
+    key = json.loads(json.dumps({**key, "sources": [str(p) for p in sources]}))
+    entry = _entry_dir(root, name, key)
+    found = read_entry(entry, key)
+    if found is not None:
+        return found
+    described = [describe_source(p) for p in sources]
+    vocab, arrays = build()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
+    except OSError as err:
+        log.warning("moe-data cache %s is not writable (%s); not caching", root, err)
+        return vocab, arrays
+    try:
+        _write_entry(tmp, key, described, vocab, arrays)
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+    except OSError as err:
+        log.info("moe-data cache %s was not stored (%s)", entry, err)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return read_entry(entry, key) or (vocab, arrays)
