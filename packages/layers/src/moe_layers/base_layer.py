@@ -1,0 +1,139 @@
+"""BASE layer (Lewis et al. 2021): balanced linear assignment of tokens to experts in training.
+
+Training solves max sum_t s(t, e_t) over assignments giving every expert the same number of tokens
+(at most ceil(T/E)), s(t, e) = x_t . c_e, with an auction algorithm (Bertsekas) in torch; inference
+routes each token greedily to its best expert. fairseq's BASE layer is a separate residual block,
+out = σ(x.c_e) f_e(x) + (1 - σ(x.c_e)) x with f_e(x) = x + FFN_e(LN(x)), i.e.
+out = x + σ(x.c_e) FFN_e(LN(x)); as an FFN replacement inside a pre-LN block (which adds x and
+applies the LN) this layer returns the routed part σ(x.c_e) FFN_e(x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
+from moe_layers.gshard import init_ffn_experts
+
+
+def _auction_round(
+    values_NE: Tensor, prices_E: Tensor, owner_N: Tensor, bid_N: Tensor, cap: int, eps: float
+) -> None:
+    """One Jacobi round: every unassigned row bids for its best column; columns keep their top bids.
+
+    A bid is the price that leaves the bidder indifferent between its best and second-best column,
+    plus eps. A full column's price is its lowest kept bid. Updates the tensors in place.
+    """
+    n_rows, n_cols = values_NE.shape
+    free = (owner_N < 0).nonzero().squeeze(1)
+    net_FE = values_NE[free] - prices_E
+    top_F2 = net_FE.topk(2, dim=1)
+    best_F = top_F2.indices[:, 0]
+    bid_N_new = values_NE[free, best_F] - top_F2.values[:, 1] + eps
+    owner_N[free] = best_F
+    bid_N[free] = bid_N_new
+    held_EN = torch.full((n_cols, n_rows), float("-inf"), dtype=values_NE.dtype)
+    held_EN[owner_N, torch.arange(n_rows)] = bid_N
+    kept = held_EN.topk(cap, dim=1)
+    keep_EN = torch.zeros(n_cols, n_rows, dtype=torch.bool)
+    keep_EN.scatter_(1, kept.indices, kept.values > float("-inf"))
+    owner_N[~keep_EN.any(0)] = -1
+    full_E = (kept.values > float("-inf")).all(1)
+    prices_E[full_E] = kept.values[full_E, -1]
+
+
+def balanced_assignment(
+    scores_TE: Tensor, eps: float | None = None, max_rounds: int = 100_000
+) -> Tensor:
+    """Expert per token maximising sum_t scores[t, e_t] with at most ceil(T/E) tokens per expert.
+
+    An auction with ε-scaling on a float64 copy. T is padded with rows of zeros to E * ceil(T/E),
+    so that every expert ends full (the pad rows add 0 to any assignment, so the real rows' optimum
+    is unchanged) and prices can carry over between ε phases. The result is within T * eps of the
+    optimum (ε-complementary slackness); the default eps is 1e-9 of the score range per token.
+    Returns [T] int64 expert indices.
+    """
+    n_tokens, n_experts = scores_TE.shape
+    if n_tokens == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores_TE.device)
+    if n_experts == 1:
+        return torch.zeros(n_tokens, dtype=torch.long, device=scores_TE.device)
+    cap = math.ceil(n_tokens / n_experts)
+    s_TE = scores_TE.detach().to("cpu", torch.float64)
+    values_NE = torch.cat([s_TE, s_TE.new_zeros(n_experts * cap - n_tokens, n_experts)])
+    spread = float(values_NE.max() - values_NE.min())
+    final_eps = eps if eps is not None else max(spread, 1e-12) * 1e-9 / n_tokens
+    step = max(spread / 4, final_eps)
+    prices_E = values_NE.new_zeros(n_experts)
+    rounds = 0
+    while True:
+        owner_N = torch.full((values_NE.shape[0],), -1, dtype=torch.long)
+        bid_N = values_NE.new_zeros(values_NE.shape[0])
+        while (owner_N < 0).any():
+            _auction_round(values_NE, prices_E, owner_N, bid_N, cap, step)
+            rounds += 1
+            if rounds > max_rounds:
+                raise RuntimeError(f"balanced_assignment did not converge in {max_rounds} rounds")
+        if step <= final_eps:
+            return owner_N[:n_tokens].to(scores_TE.device)
+        step = max(step / 8, final_eps)
+
+
+ROUTINGS = ("balanced", "greedy")
+
+
+class BaseLayer(RoutedExperts):
+    """BASE layer as an FFN replacement: y = layer(x), x and y [..., d_model]; top-1 routing.
+
+    In training each token goes to the expert of the balanced assignment maximising the total
+    affinity x.c_e (experts hold at most ceil(T/E) tokens, T the tokens of the call; the assignment
+    carries no gradient); in eval mode to argmax_e x.c_e. The expert output is scaled by σ(x.c_e),
+    through which the centroids c (`gate`) learn. No auxiliary loss.
+
+    train_routing: "balanced" (the paper) or "greedy" (argmax in training too, an ablation).
+    dropout, activation, n_layers (init scale), impl: as for GShardMoE. Centroids are initialised
+    orthogonal with gain 0.1 (fairseq's BASE layer).
+
+    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model] (the centroids).
+    Accepts and ignores `token_ids`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        expert_size: int,
+        *,
+        train_routing: str = "balanced",
+        dropout: float = 0.0,
+        activation: str = "relu",
+        n_layers: int = 1,
+        impl: str = "fast",
+    ) -> None:
+        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
+        check_choice("train_routing", train_routing, ROUTINGS)
+        check_positive(n_layers=n_layers)
+        check_probability(dropout=dropout)
+        self.train_routing = train_routing
+        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
+        init_ffn_experts(self, n_layers)
+        nn.init.orthogonal_(self.gate, gain=0.1)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        self._start_forward()
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got {x.shape}")
+        x_TD = x.reshape(-1, self.d_model)
+        affinity_TE = x_TD @ self.gate.t()
+        if self.training and self.train_routing == "balanced":
+            e_T = balanced_assignment(affinity_TE)
+        else:
+            e_T = affinity_TE.detach().argmax(-1)
+        idx_TK = e_T[:, None]
+        gates_TK = torch.sigmoid(affinity_TE.gather(1, idx_TK))
+        counts_E = torch.bincount(e_T, minlength=self.n_experts)
+        self.record_routing_stats(counts_E, x_TD.shape[0])
+        return self.expert_forward(x_TD, idx_TK, gates_TK).reshape(x.shape)

@@ -1,0 +1,198 @@
+"""GShard top-2 mixture of experts as in fairseq's MoE language models (Artetxe et al. 2022).
+
+The gate is fairseq's `top2gating` (fairseq/modules/moe/top2gate.py) written anew: softmax gate,
+top-1 expert always selected, a second expert chosen by one of three policies, a per-expert capacity
+with token dropping in token order (all top-1 assignments queue before any second one), and the
+GShard load-balancing loss l_aux = E * sum_e mean_t(g_te) * frac_e.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
+
+SECOND_POLICIES = ("sampling", "all", "random")
+
+
+def init_ffn_experts(layer: RoutedExperts, n_layers: int) -> None:
+    """Each expert initialised as a dense FFN of width G (pre-LN scale c = sqrt(2/L)).
+
+    w1 ~ N(0, c²/d_model), w2 ~ N(0, c²/G): fairseq's experts are whole FFNs, unlike σ-MoE's
+    slices of one wide FFN.
+    """
+    c = math.sqrt(2.0 / n_layers)
+    nn.init.normal_(layer.w1, std=c * layer.d_model**-0.5)
+    nn.init.normal_(layer.w2, std=c * layer.expert_size**-0.5)
+
+
+def gshard_capacity(n_tokens: int, n_experts: int, factor: float) -> int:
+    """fairseq's training capacity 2 * ceil(S/E), scaled by `factor` (1.0 is fairseq's)."""
+    return math.ceil(factor * 2 * math.ceil(n_tokens / n_experts))
+
+
+def slot_positions(mask_TE: Tensor, offset_E: Tensor) -> Tensor:
+    """Queue position of every selected (token, expert) in its expert's buffer, in token order.
+
+    Tokens queue after `offset_E` earlier entries (the top-1 assignments, for the second slot).
+    Returns [T] positions for the rows of a one-hot mask (a row with no selection gets garbage).
+    """
+    pos_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset_E
+    return (pos_TE * mask_TE).sum(1)
+
+
+def top2_gating(
+    logits_TE: Tensor,
+    capacity: int,
+    second_policy: str,
+    normalize_after_drop: bool,
+    stochastic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Routes T tokens to 2 experts each under a per-expert capacity.
+
+    `stochastic=False` makes the "sampling" and "random" policies pick the second expert as "all"
+    does (no Gumbel noise, always kept), for deterministic evaluation.
+    Returns idx [T, 2], gates [T, 2] (0 for a dropped or unselected slot), the softmax probs [T, E],
+    the selection count per expert before dropping [E], and the number of dropped assignments.
+    """
+    n_experts = logits_TE.shape[-1]
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    e1_T = probs_TE.argmax(-1)
+    mask1_TE = nn.functional.one_hot(e1_T, n_experts)
+    scores_TE = logits_TE.detach().float()
+    if stochastic and second_policy == "sampling":
+        # Gumbel-max: the argmax of logits + Gumbel noise is a sample from softmax(logits)
+        u_TE = torch.rand_like(scores_TE).clamp(min=1e-20, max=1 - 1e-7)
+        scores_TE = scores_TE - torch.log(-torch.log(u_TE))
+    e2_T = scores_TE.masked_fill(mask1_TE.bool(), float("-inf")).argmax(-1)
+    mask2_TE = nn.functional.one_hot(e2_T, n_experts)
+    g1_T = probs_TE.gather(1, e1_T[:, None]).squeeze(1)
+    g2_T = probs_TE.gather(1, e2_T[:, None]).squeeze(1)
+    if not normalize_after_drop:
+        denom_T = (g1_T + g2_T).clamp(min=torch.finfo(g1_T.dtype).eps)
+        g1_T, g2_T = g1_T / denom_T, g2_T / denom_T
+    if stochastic and second_policy == "random":
+        # GShard: keep the second expert with probability 2 * g2 (its gate, before renormalising)
+        mask2_TE = mask2_TE * (2 * g2_T.detach() > torch.rand_like(g2_T))[:, None]
+    if n_experts == 1:
+        mask2_TE = torch.zeros_like(mask2_TE)
+    counts_E = (mask1_TE + mask2_TE).sum(0)
+    pos1_T = slot_positions(mask1_TE, torch.zeros_like(counts_E))
+    pos2_T = slot_positions(mask2_TE, mask1_TE.sum(0))
+    keep1_T = pos1_T < capacity
+    keep2_T = mask2_TE.sum(1).bool() & (pos2_T < capacity)
+    g1_T = g1_T * keep1_T
+    g2_T = g2_T * keep2_T
+    if normalize_after_drop:
+        denom_T = (g1_T + g2_T).clamp(min=torch.finfo(g1_T.dtype).eps)
+        g1_T, g2_T = g1_T / denom_T, g2_T / denom_T
+    dropped = counts_E.sum() - keep1_T.sum() - keep2_T.sum()
+    idx_TK = torch.stack([e1_T, e2_T], dim=1)
+    gates_TK = torch.stack([g1_T, g2_T], dim=1)
+    return idx_TK, gates_TK, probs_TE, counts_E, dropped
+
+
+def gshard_balance_loss(probs_TE: Tensor, idx_TK: Tensor) -> Tensor:
+    """l_aux = E * sum_e mean_t(g_te) * frac_e, frac_e the share of tokens whose top-1 is e.
+
+    Equals 1 for perfectly uniform gates and assignments; only the mean gate carries gradient.
+    """
+    n_experts = probs_TE.shape[-1]
+    frac_E = torch.bincount(idx_TK[:, 0], minlength=n_experts).to(probs_TE.dtype)
+    frac_E = frac_E / probs_TE.shape[0]
+    return n_experts * (probs_TE.mean(0) * frac_E).sum()
+
+
+class GShardMoE(RoutedExperts):
+    """fairseq/GShard top-2 MoE feed-forward layer: y = layer(x), x and y [..., d_model].
+
+    second_policy: how the second expert is picked: "sampling" (argmax of logits + Gumbel noise,
+        i.e. sampled from the softmax without the top-1; fairseq's default), "all" (the second-best
+        logit), "random" (the second-best, kept with probability 2 * g_e2, GShard's rule). In eval
+        mode "sampling" and "random" act as "all" unless `stochastic_eval=True` (fairseq keeps
+        them stochastic in evaluation too).
+    capacity_factor: training capacity per expert C = ceil(capacity_factor * 2 * ceil(S/E)), S the
+        number of tokens in the call (fairseq: factor 1).
+    eval_capacity_factor: None uses the training formula in eval mode; a fraction f gives
+        C = ceil(f * S) (fairseq's moe_eval_capacity_token_fraction).
+    normalize_after_drop: renormalise the two gates over the kept slots after dropping (fairseq's
+        default); False normalises g1, g2 to sum 1 before dropping.
+    load_balance_weight: w; in training records w * l_aux as "gshard_balance" (fairseq further
+        multiplies by sample_size in its criterion; that scaling is the trainer's).
+    gate_noise: std of Gaussian noise added to the gate logits in training (0: off). fairseq's
+        top-2 gate has no such noise; this is the "optional gate noise" of the issue.
+    dropout: dropout on the expert hidden activations in training.
+    activation, n_layers (init scale), impl: as for SigmaMoE.
+
+    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model]; no biases.
+    Accepts and ignores `token_ids`, so that a model may call every FFN alike.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        expert_size: int,
+        *,
+        second_policy: str = "sampling",
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float | None = None,
+        normalize_after_drop: bool = True,
+        load_balance_weight: float = 0.01,
+        gate_noise: float = 0.0,
+        stochastic_eval: bool = False,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        n_layers: int = 1,
+        impl: str = "fast",
+    ) -> None:
+        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
+        check_choice("second_policy", second_policy, SECOND_POLICIES)
+        check_positive(capacity_factor=capacity_factor, n_layers=n_layers)
+        if eval_capacity_factor is not None:
+            check_positive(eval_capacity_factor=eval_capacity_factor)
+        if load_balance_weight < 0:
+            raise ValueError(f"load_balance_weight must be >= 0, got {load_balance_weight!r}")
+        if gate_noise < 0:
+            raise ValueError(f"gate_noise must be >= 0, got {gate_noise!r}")
+        check_probability(dropout=dropout)
+        self.second_policy = second_policy
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.normalize_after_drop = normalize_after_drop
+        self.load_balance_weight = load_balance_weight
+        self.gate_noise = gate_noise
+        self.stochastic_eval = stochastic_eval
+        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
+        init_ffn_experts(self, n_layers)
+        nn.init.normal_(self.gate, std=d_model**-0.5)
+
+    def capacity(self, n_tokens: int) -> int:
+        if self.training or self.eval_capacity_factor is None:
+            return gshard_capacity(n_tokens, self.n_experts, self.capacity_factor)
+        return math.ceil(self.eval_capacity_factor * n_tokens)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        self._start_forward()
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got {x.shape}")
+        x_TD = x.reshape(-1, self.d_model)
+        logits_TE = x_TD @ self.gate.t()
+        if self.training and self.gate_noise > 0:
+            logits_TE = logits_TE + self.gate_noise * torch.randn_like(logits_TE)
+        idx_TK, gates_TK, probs_TE, counts_E, dropped = top2_gating(
+            logits_TE,
+            self.capacity(x_TD.shape[0]),
+            self.second_policy,
+            self.normalize_after_drop,
+            stochastic=self.training or self.stochastic_eval,
+        )
+        if self.training and self.load_balance_weight > 0 and x_TD.shape[0] > 0:
+            loss = gshard_balance_loss(probs_TE, idx_TK)
+            self.record_aux_loss("gshard_balance", self.load_balance_weight * loss)
+        self.record_routing_stats(counts_E, x_TD.shape[0], probs_TE.detach(), int(dropped))
+        y_TD = self.expert_forward(x_TD, idx_TK, gates_TK.to(x_TD.dtype))
+        return y_TD.reshape(x.shape)
