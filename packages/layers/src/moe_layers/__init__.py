@@ -7,14 +7,28 @@ from moe_layers.base import (
     collect_aux_losses,
     collect_routing_stats,
 )
+from moe_layers.base_layer import BaseLayer, balanced_assignment
 from moe_layers.dense import DenseFFN
+from moe_layers.gshard import GShardMoE
+from moe_layers.hash_layer import HashLayer
+from moe_layers.parallel import ExpertParallel, expert_parameter_names
 from moe_layers.pkm import PKM
 from moe_layers.sbase import SBaseMoE
 from moe_layers.sigma_moe import SigmaMoE
+from moe_layers.smlp import CausalSGU, SMoE, TMoE
 from moe_layers.switch import SwitchMoE
 from moe_layers.topk import TopKFFN
 
 __all__ = [
+    "BaseLayer",
+    "CausalSGU",
+    "ExpertParallel",
+    "GShardMoE",
+    "HashLayer",
+    "SMoE",
+    "TMoE",
+    "balanced_assignment",
+    "expert_parameter_names",
     "DenseFFN",
     "MoEModule",
     "PKM",
