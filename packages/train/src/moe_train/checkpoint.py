@@ -1,0 +1,178 @@
+"""Checkpoints: atomic writes, the last N plus the best kept, validated loading.
+
+A checkpoint is one `torch.save`d dict that `torch.load(weights_only=True)` can read: tensors,
+numbers, strings, lists and dicts only (numpy arrays and RNG states are turned into those by
+`to_plain` / `from_plain`). Files are `DIR/checkpoints/step-XXXXXXXX.pt` and `best.pt`.
+
+Atomicity: the payload is written to a temporary file in the same directory, flushed and fsynced,
+then `os.replace`d over the final name, and the directory is fsynced. A crash at any point leaves
+either the old file or the new one, never a torn one; stray temporary files are ignored and
+removed by the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_train.errors import CLIError
+
+FORMAT = "moe-train-checkpoint"
+VERSION = 1
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+TMP_PREFIX = ".tmp-"
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively turn numpy arrays/scalars and tuples into what weights_only loading accepts."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj)).clone()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_plain(v) for v in obj]}
+    if isinstance(obj, list):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__ndarray__"}:
+            return obj["__ndarray__"].numpy()
+        if set(obj) == {"__tuple__"}:
+            return tuple(from_plain(v) for v in obj["__tuple__"])
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_plain(v) for v in obj]
+    return obj
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return to_plain(state)
+
+
+def set_rng_state(plain: dict) -> None:
+    state = from_plain(plain)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """torch.save `payload` to `path` so that readers only ever see a complete file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a checkpoint; any problem is a one-line CLIError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = latest(path) or path
+        if path.is_dir():
+            raise CLIError(f"no checkpoint found in {path}")
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CLIError(f"{path} is not a moe-train checkpoint")
+    if payload.get("version") != VERSION:
+        raise CLIError(
+            f"checkpoint {path} has format version {payload.get('version')}, expected {VERSION}"
+        )
+    missing = [k for k in ("run_config", "model", "step") if k not in payload]
+    if missing:
+        raise CLIError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    payload["path"] = str(path)
+    return payload
+
+
+def step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the step checkpoints in `ckpt_dir`, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = STEP_FILE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest(run_or_ckpt_dir: str | Path) -> Path | None:
+    """The newest step checkpoint of a run directory (or of its checkpoints/ directory)."""
+    d = Path(run_or_ckpt_dir)
+    if (d / "checkpoints").is_dir():
+        d = d / "checkpoints"
+    files = step_files(d)
+    return files[-1][1] if files else None
+
+
+class CheckpointManager:
+    """Saves step checkpoints into `ckpt_dir`, keeping the newest `keep_last` and `best.pt`."""
+
+    def __init__(self, ckpt_dir: str | Path, keep_last: int) -> None:
+        self.dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+
+    def save(self, payload: dict, step: int, is_best: bool = False) -> Path:
+        payload = {"format": FORMAT, "version": VERSION, **payload}
+        path = self.dir / f"step-{step:08d}.pt"
+        atomic_save(payload, path)
+        if is_best:
+            atomic_save(payload, self.dir / "best.pt")
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        for _, old in step_files(self.dir)[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        for stray in self.dir.glob(TMP_PREFIX + "*"):
+            stray.unlink(missing_ok=True)

@@ -1,0 +1,241 @@
+"""Run configuration: a model preset, training options, and how command-line input reaches them.
+
+A run is described by a `RunConfig`: the preset name, the `--data` spec, the model config (a
+moe_models config dataclass) and a `TrainConfig`. It is resolved in this order, later wins:
+
+1. the preset's model config and the `TrainConfig` defaults;
+2. `--config FILE` (JSON or TOML) with optional top-level `preset` and `data` and tables `model` and
+   `train` (the `config.json` a run writes has this shape, so it can be fed back);
+3. flags such as `--max-steps` or `--lr`;
+4. `key=value` overrides: a bare key (`d_model=64`) or `model.KEY` sets a model field, `train.KEY`
+   (`train.lr=3e-4`) a training field. Values are read as the type of the field they replace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import moe_models
+
+from moe_train.errors import CLIError
+
+DEFAULT_PRESET = "tiny-sigma-moe"
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Training options; every field can be set with `train.FIELD=VALUE`.
+
+    batch_size is the global batch of one optimiser step (summed over ranks and accumulation
+    micro-batches); it must be divisible by world_size * grad_accum. Defaults are sized so that
+    `moe-train train` on the tiny σ-MoE preset finishes in a few minutes on two CPU cores.
+    """
+
+    max_steps: int = 1200
+    batch_size: int = 16
+    seq_len: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.25
+    eval_interval: int = 400
+    eval_batches: int = 20
+    log_interval: int = 10
+    routing_interval: int = 100
+    save_interval: int = 400
+    keep_last: int = 2
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        positive = ("max_steps", "batch_size", "seq_len", "grad_accum", "lr", "log_interval")
+        positive += ("eval_interval", "routing_interval", "save_interval", "keep_last")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise CLIError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_batches", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise CLIError(f"train.{name} must not be negative, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise CLIError(
+                f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise CLIError(
+                f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+
+
+@dataclass
+class RunConfig:
+    preset: str
+    data: str | None
+    model: Any
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "preset": self.preset,
+            "data": self.data,
+            "model": moe_models.config_to_dict(self.model),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        try:
+            model = moe_models.config_from_dict(d["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CLIError(f"saved model config is not valid: {e}") from None
+        train = apply_train_overrides(TrainConfig(), d.get("train", {}), source="saved config")
+        return cls(preset=d.get("preset", "custom"), data=d.get("data"), model=model, train=train)
+
+
+def parse_value(text: str, like: Any, key: str) -> Any:
+    """Read `text` as the type of `like` (the value it replaces)."""
+    try:
+        if isinstance(like, bool):
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+        if isinstance(like, str):
+            return text
+        if like is None:
+            if text.lower() in ("none", "null"):
+                return None
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                return text
+        if isinstance(like, list | tuple):
+            items = json.loads(text) if text.startswith("[") else text.split(",")
+            inner = like[0] if like else ""
+            return type(like)(parse_value(str(v), inner, key) for v in items)
+        return json.loads(text)
+    except (ValueError, TypeError):
+        raise CLIError(f"override {key}={text!r}: expected a value like {like!r}") from None
+
+
+def split_overrides(items: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """`key=value` strings -> (model overrides, train overrides), values still text."""
+    model, train = {}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"cannot read {item!r}: overrides are KEY=VALUE (e.g. d_model=64)")
+        if key.startswith("train."):
+            train[key.removeprefix("train.")] = value
+        else:
+            model[key.removeprefix("model.")] = value
+    return model, train
+
+
+def apply_train_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CLIError(
+            f"unknown training option(s) {', '.join('train.' + k for k in unknown)} in {source}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    typed = {}
+    for key, value in values.items():
+        current = getattr(cfg, key)
+        if isinstance(value, str) and not isinstance(current, str):
+            value = parse_value(value, current, f"train.{key}")
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(value) is not type(current):
+            raise CLIError(
+                f"train.{key} in {source}: expected a value like {current!r}, got {value!r}"
+            )
+        typed[key] = value
+    return dataclasses.replace(cfg, **typed)
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"config file {path} cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a table/object at the top level")
+    unknown = sorted(set(data) - {"preset", "data", "model", "train"})
+    if unknown:
+        raise CLIError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+            "expected preset, data, model, train"
+        )
+    for table in ("model", "train"):
+        if not isinstance(data.get(table, {}), dict):
+            raise CLIError(f"config file {path}: {table} must be a table/object")
+    return data
+
+
+def model_config(preset: str, overrides: dict[str, Any]) -> Any:
+    """The preset's model config with `overrides` (text values are read as the fields' types)."""
+    try:
+        base = moe_models.get_config(preset)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    current = moe_models.config_to_dict(base)
+    typed = {}
+    for key, value in overrides.items():
+        if isinstance(value, str) and key in current and not isinstance(current[key], str):
+            value = parse_value(value, current[key], key)
+        typed[key] = value
+    try:
+        return moe_models.get_config(preset, **typed)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"model override: {e}") from None
+
+
+def resolve(
+    *,
+    preset: str | None = None,
+    config_file: str | None = None,
+    data: str | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] = (),
+) -> RunConfig:
+    """Build the RunConfig from preset, config file, flags and `key=value` overrides (later wins).
+
+    flags maps TrainConfig field names to values; None values are ignored (flag not given).
+    """
+    file = load_config_file(config_file) if config_file else {}
+    name = preset or file.get("preset") or DEFAULT_PRESET
+    model_over, train_over = split_overrides(list(overrides))
+    model_cfg = model_config(name, {**file.get("model", {}), **model_over})
+    train = apply_train_overrides(TrainConfig(), file.get("train", {}), source=str(config_file))
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    train = apply_train_overrides(train, given, source="flags")
+    train = apply_train_overrides(train, train_over, source="the command line")
+    train.validate()
+    spec = data if data is not None else file.get("data")
+    return RunConfig(preset=name, data=spec, model=model_cfg, train=train)

@@ -1,0 +1,60 @@
+"""Corpus loading and per-rank batch streams (Transformer-XL streams or random windows)."""
+
+from __future__ import annotations
+
+import moe_data
+import torch
+
+from moe_train.errors import CLIError
+
+
+def load_corpus(spec: str | None):
+    try:
+        return moe_data.load(spec)
+    except (moe_data.DataError, OSError) as e:
+        raise CLIError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+
+
+class Batches:
+    """One rank's training batches, as int64 tensors on `device`.
+
+    Transformer-XL reads contiguous streams (XLBatcher) so that its memory of the previous segment
+    is the true preceding text; `next()` says when a new epoch starts, where that memory must be
+    reset. Other architectures draw random windows (RandomWindowBatcher, infinite).
+    """
+
+    def __init__(self, tokens, batch_size, seq_len, *, xl, seed, rank, world_size, device):
+        self.xl = xl
+        self.device = device
+        if xl:
+            self.batcher = moe_data.XLBatcher(
+                tokens, batch_size, seq_len, rank=rank, world_size=world_size
+            )
+        else:
+            self.batcher = moe_data.RandomWindowBatcher(
+                tokens, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size
+            )
+        self._it = None
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(inputs [B, L], targets [B, L], starts_new_epoch)."""
+        new_epoch = self._it is None
+        if self._it is None:
+            self._it = iter(self.batcher)
+        try:
+            inputs, targets = next(self._it)
+        except StopIteration:
+            self._it = iter(self.batcher)
+            inputs, targets = next(self._it)
+            new_epoch = True
+        return self._tensor(inputs), self._tensor(targets), new_epoch
+
+    def _tensor(self, a) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"batcher": self.batcher.state_dict(), "started": self._it is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+        self._it = iter(self.batcher) if state["started"] else None

@@ -1,0 +1,146 @@
+"""Zero- and few-shot multiple choice ("priming") and fine-tuning on a task's examples.
+
+Each choice is scored by the log-likelihood the LM gives its tokens after the prompt prefix
+(summed over the choice's tokens; `normalize=True` divides by their number instead), and the
+highest-scoring choice is the prediction. Fine-tuning trains on prefix + correct choice with the
+loss on the choice's tokens only, so the model learns to answer rather than to model the prompts.
+"""
+
+from __future__ import annotations
+
+import random
+
+import moe_data
+import torch
+from torch.nn import functional as F
+
+from moe_train.errors import CLIError
+
+IGNORE = -100
+
+
+def load_task(path: str):
+    try:
+        return moe_data.load_tasks(path)
+    except (moe_data.DataError, OSError) as e:
+        raise CLIError(
+            f"task file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+        ) from None
+
+
+def encode(corpus, text: str) -> list[int]:
+    try:
+        return [int(i) for i in corpus.encode(text)]
+    except moe_data.DataError as e:
+        raise CLIError(f"cannot encode task text with this checkpoint's vocabulary: {e}") from None
+
+
+def sequence(
+    prefix_ids: list[int], choice_ids: list[int], max_len: int
+) -> tuple[list[int], list[int]]:
+    """(inputs, targets) for prefix + choice, targets masked except the choice's tokens.
+
+    The prefix is cut from the left so that the whole sequence fits `max_len` + 1 tokens. With an
+    empty prefix the first choice token has no context and is not scored.
+    """
+    ids = prefix_ids + choice_ids
+    n_choice = len(choice_ids)
+    ids = ids[-(max_len + 1) :]
+    inputs, targets = ids[:-1], ids[1:]
+    n_scored = min(n_choice, len(targets))
+    targets = [IGNORE] * (len(targets) - n_scored) + targets[len(targets) - n_scored :]
+    return inputs, targets
+
+
+def pad_batch(
+    pairs: list[tuple[list[int], list[int]]], device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to a common length (pad inputs with 0, targets with IGNORE): a causal model's
+    predictions for the real tokens do not see the padding after them."""
+    length = max(len(i) for i, _ in pairs)
+    inputs = torch.zeros(len(pairs), length, dtype=torch.int64)
+    targets = torch.full((len(pairs), length), IGNORE, dtype=torch.int64)
+    for row, (i, t) in enumerate(pairs):
+        inputs[row, : len(i)] = torch.tensor(i, dtype=torch.int64)
+        targets[row, : len(t)] = torch.tensor(t, dtype=torch.int64)
+    return inputs.to(device), targets.to(device)
+
+
+@torch.no_grad()
+def choice_scores(model, pairs, device, normalize: bool = False) -> list[float]:
+    """Log-likelihood of each (inputs, targets) pair's unmasked targets."""
+    inputs, targets = pad_batch(pairs, device)
+    logits = model(inputs).logits.float()  # [B, L, V]
+    logp = F.log_softmax(logits, dim=-1)
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    totals = picked.sum(1)
+    if normalize:
+        totals = totals / mask.sum(1).clamp(min=1)
+    return totals.tolist()
+
+
+def accuracy(
+    model,
+    corpus,
+    task,
+    *,
+    k_shot: int,
+    seed: int,
+    max_len: int,
+    device,
+    normalize: bool = False,
+    max_examples: int = 0,
+) -> dict:
+    """Multiple-choice accuracy of `model` on `task` with `k_shot` demonstrations per prompt."""
+    was_training = model.training
+    model.eval()
+    examples = task.examples if max_examples <= 0 else task.examples[:max_examples]
+    correct = 0
+    for i, example in enumerate(examples):
+        prefix, choices = moe_data.build_prompt(task, example, k_shot, seed + i)
+        prefix_ids = encode(corpus, prefix)
+        pairs = [sequence(prefix_ids, encode(corpus, c), max_len) for c in choices]
+        scores = choice_scores(model, pairs, device, normalize)
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == example.label)
+    model.train(was_training)
+    n = len(examples)
+    return {"task": task.name, "k_shot": k_shot, "n": n, "accuracy": correct / n if n else 0.0}
+
+
+def finetune(
+    model,
+    corpus,
+    task,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    max_len: int,
+    seed: int,
+    device,
+    grad_clip: float = 0.25,
+) -> list[float]:
+    """Train `model` on the task's examples (prefix + correct choice); returns the step losses."""
+    if not task.examples:
+        raise CLIError(f"task {task.name} has no examples to fine-tune on")
+    pairs = []
+    for i, example in enumerate(task.examples):
+        prefix, choices = moe_data.build_prompt(task, example, 0, seed + i)
+        pairs.append(
+            sequence(encode(corpus, prefix), encode(corpus, choices[example.label]), max_len)
+        )
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        inputs, targets = pad_batch(rng.choices(pairs, k=batch_size), device)
+        out = model(inputs, targets)
+        out.loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.lm_loss))
+    return losses
