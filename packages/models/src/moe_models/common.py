@@ -1,0 +1,89 @@
+"""What every language model here shares: the output record, input checks and the loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from moe_layers import RoutingStats, collect_aux_losses, collect_routing_stats
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from moe_models.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, L, V]; loss = lm_loss + sum of the weighted auxiliary losses (None without
+    targets); lm_loss: mean cross-entropy in nats per non-ignored target; aux_losses and
+    routing_stats from moe_layers' collectors; mems: Transformer-XL memory for the next segment;
+    past_kv: the decoder's key/value cache (only when asked for with use_cache=True)."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    routing_stats: dict[str, RoutingStats] = field(default_factory=dict)
+    mems: list[Tensor] | None = None
+    past_kv: list[tuple[Tensor, Tensor]] | None = None
+
+
+def sinusoid_table(positions: Tensor, dim: int) -> Tensor:
+    """[N, dim] sinusoidal embeddings of the (float) positions [N] (sin half, then cos half)."""
+    inv_freq = torch.exp(
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / dim)
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    table = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return table[:, :dim]
+
+
+class LanguageModel(nn.Module):
+    """Base of the three models: embedding checks, the output head and the loss."""
+
+    arch: str
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"tokens must be an integer tensor [B, L], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
+        if tokens.numel() and (
+            int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size
+        ):
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        if targets is not None and targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}"
+            )
+
+    def finish(self, logits_BLV: Tensor, targets: Tensor | None, **extra) -> ModelOutput:
+        aux = collect_aux_losses(self)
+        out = ModelOutput(
+            logits=logits_BLV, aux_losses=aux, routing_stats=collect_routing_stats(self), **extra
+        )
+        if targets is not None:
+            out.lm_loss = lm_loss(logits_BLV, targets)
+            out.loss = out.lm_loss + sum(aux.values()) if aux else out.lm_loss
+        return out
+
+
+def lm_loss(logits_BLV: Tensor, targets_BL: Tensor) -> Tensor:
+    """Mean cross-entropy (nats) over targets that are not IGNORE_INDEX; 0 when all are ignored."""
+    flat = logits_BLV.reshape(-1, logits_BLV.shape[-1]).float()
+    total = F.cross_entropy(
+        flat, targets_BL.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    count = (targets_BL != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
