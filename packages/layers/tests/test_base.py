@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from moe_layers import (
+    MoEModule,
+    RoutedExperts,
+    SigmaMoE,
+    SwitchMoE,
+    collect_aux_losses,
+    collect_routing_stats,
+)
+from moe_layers.base import reference_expert_mlp
+from torch import nn
+
+
+@given(
+    n_tokens=st.integers(1, 12),
+    d_model=st.integers(1, 7),
+    n_experts=st.integers(1, 5),
+    expert_size=st.integers(1, 6),
+    k=st.integers(1, 3),
+    activation=st.sampled_from(["relu", "gelu", "silu"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_expert_forward_fast_matches_reference(
+    n_tokens, d_model, n_experts, expert_size, k, activation, dtype, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = torch.randn(n_tokens, d_model, generator=gen, dtype=dtype)
+    idx = torch.randint(0, n_experts, (n_tokens, k), generator=gen)
+    # some slots dropped (gate 0), as a capacity limit leaves them
+    gates = torch.rand(n_tokens, k, generator=gen, dtype=dtype) * (torch.rand(n_tokens, k) > 0.3)
+    grads = {}
+    for impl in ("fast", "reference"):
+        layer = RoutedExperts(d_model, n_experts, expert_size, activation, impl).to(dtype)
+        with torch.no_grad():
+            layer.w1.copy_(torch.randn(layer.w1.shape, generator=torch.Generator().manual_seed(1)))
+            layer.w2.copy_(torch.randn(layer.w2.shape, generator=torch.Generator().manual_seed(2)))
+        xi = x.clone().requires_grad_(True)
+        gi = gates.clone().requires_grad_(True)
+        y = layer.expert_forward(xi, idx, gi)
+        y.pow(2).sum().backward()
+        grads[impl] = (y.detach(), xi.grad, gi.grad, layer.w1.grad, layer.w2.grad)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    for a, b in zip(grads["fast"], grads["reference"], strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_reference_expert_mlp_is_the_per_token_formula():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w1 = torch.randn(4, 3, 2, dtype=torch.float64)
+    w2 = torch.randn(4, 2, 3, dtype=torch.float64)
+    idx = torch.tensor([[0, 3], [3, 3], [1, 0], [2, 1], [0, 0]])
+    gates = torch.rand(5, 2, dtype=torch.float64)
+    y = reference_expert_mlp(x, w1, w2, idx, gates, "relu")
+    for t in range(5):
+        expected = sum(
+            gates[t, j] * torch.relu(x[t] @ w1[idx[t, j]]) @ w2[idx[t, j]] for j in [0, 1]
+        )
+        torch.testing.assert_close(y[t], expected)
+
+
+def test_collect_aux_losses_sums_per_name_over_layers():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        SigmaMoE(4, 3, 2, 1, entropy_weight=1.0),
+        SigmaMoE(4, 3, 2, 1, entropy_weight=2.0),
+        SwitchMoE(4, 3, 2, load_balance_weight=0.5),
+    ).train()
+    model(torch.randn(6, 4))
+    losses = collect_aux_losses(model)
+    assert set(losses) == {"entropy", "switch_balance"}
+    torch.testing.assert_close(
+        losses["entropy"], model[0].aux_losses["entropy"] + model[1].aux_losses["entropy"]
+    )
+    torch.testing.assert_close(losses["switch_balance"], model[2].aux_losses["switch_balance"])
+    assert set(collect_routing_stats(model)) == {"0", "1", "2"}
+    model.eval()(torch.randn(6, 4))
+    assert collect_aux_losses(model) == {}
+
+
+def test_routing_stats_entropy_and_usage():
+    m = MoEModule()
+    m.record_routing_stats(torch.tensor([3, 1]), n_tokens=2, probs_TE=torch.eye(2))
+    assert m.routing_stats.entropy == pytest.approx(math.log(2))
+    torch.testing.assert_close(m.routing_stats.usage, torch.tensor([0.75, 0.25]))
+    m.record_routing_stats(torch.tensor([3, 1]), n_tokens=4)
+    assert m.routing_stats.entropy == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    )
+
+
+def test_routed_experts_rejects_bad_options():
+    with pytest.raises(ValueError, match="impl"):
+        RoutedExperts(4, 2, 2, "relu", "gpu")
+    with pytest.raises(ValueError, match="dropout"):
+        RoutedExperts(4, 2, 2, "relu", "fast", hidden_dropout=1.0)
