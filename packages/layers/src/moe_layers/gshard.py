@@ -59,10 +59,12 @@ def top2_gating(
     the selection count per expert before dropping [E], and the number of dropped assignments.
     """
     n_experts = logits_TE.shape[-1]
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    # at least fp32 for the softmax (fairseq's fp32 gate), without demoting float64
+    logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+    probs_TE = torch.softmax(logits_TE, dim=-1)
     e1_T = probs_TE.argmax(-1)
     mask1_TE = nn.functional.one_hot(e1_T, n_experts)
-    scores_TE = logits_TE.detach().float()
+    scores_TE = logits_TE.detach()
     if stochastic and second_policy == "sampling":
         # Gumbel-max: the argmax of logits + Gumbel noise is a sample from softmax(logits)
         u_TE = torch.rand_like(scores_TE).clamp(min=1e-20, max=1 - 1e-7)

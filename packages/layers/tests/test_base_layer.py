@@ -1,0 +1,137 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from moe_layers import BaseLayer, balanced_assignment, collect_aux_losses, collect_routing_stats
+from scipy.optimize import linear_sum_assignment
+from torch.nn import functional as F
+
+
+def scipy_optimum(scores: torch.Tensor) -> float:
+    """Best total score with at most ceil(T/E) tokens per expert: every expert repeated cap times
+    as columns of a rectangular assignment problem."""
+    n_tokens, n_experts = scores.shape
+    cap = math.ceil(n_tokens / n_experts)
+    cost = np.repeat(scores.double().numpy(), cap, axis=1)
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    return float(cost[rows, cols].sum())
+
+
+@given(
+    n_tokens=st.integers(1, 40),
+    n_experts=st.integers(1, 7),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_balanced_assignment_is_optimal(n_tokens, n_experts, ties, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_tokens, n_experts, generator=gen)
+    if ties:
+        # few distinct values: many optimal assignments, and bids that tie
+        scores = torch.randint(0, 3, (n_tokens, n_experts), generator=gen).float()
+    assignment = balanced_assignment(scores)
+    assert assignment.shape == (n_tokens,) and assignment.dtype == torch.long
+    counts = torch.bincount(assignment, minlength=n_experts)
+    cap = math.ceil(n_tokens / n_experts)
+    assert counts.max() <= cap
+    if n_tokens % n_experts == 0:
+        assert torch.all(counts == cap)
+    total = float(scores.double()[torch.arange(n_tokens), assignment].sum())
+    assert total == pytest.approx(scipy_optimum(scores), abs=1e-6)
+
+
+def test_balanced_assignment_eps_bound():
+    torch.manual_seed(0)
+    scores = torch.randn(30, 4)
+    eps = 0.05
+    total = float(scores.double()[torch.arange(30), balanced_assignment(scores, eps=eps)].sum())
+    assert scipy_optimum(scores) - 30 * eps <= total <= scipy_optimum(scores) + 1e-9
+
+
+@given(
+    d_model=st.integers(1, 8),
+    n_experts=st.integers(1, 5),
+    expert_size=st.integers(1, 6),
+    n_tokens=st.one_of(st.just(1), st.integers(1, 18)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    training=st.booleans(),
+    train_routing=st.sampled_from(["balanced", "greedy"]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_fast_matches_reference(
+    d_model,
+    n_experts,
+    expert_size,
+    n_tokens,
+    dtype,
+    training,
+    train_routing,
+    seed,
+    data,
+    leading_shape,
+    fast_vs_reference,
+):
+    shape = data.draw(leading_shape(n_tokens))
+    x = torch.randn(*shape, d_model, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+    def make(impl):
+        return BaseLayer(d_model, n_experts, expert_size, train_routing=train_routing, impl=impl)
+
+    fast_vs_reference(make, x, seed, training)
+
+
+def test_training_routes_balanced_and_eval_greedy():
+    torch.manual_seed(1)
+    layer = BaseLayer(6, 4, 3).double()
+    # tokens all close to one centroid: greedy routing would send them all to that expert
+    x = layer.gate[2].detach() * 50 + 0.01 * torch.randn(12, 6, dtype=torch.float64)
+    layer.train()(x)
+    assert torch.equal(collect_routing_stats(layer)[""].expert_counts, torch.full((4,), 3))
+    assert collect_aux_losses(layer) == {}
+    layer.eval()(x)
+    greedy = torch.bincount((x @ layer.gate.t()).argmax(-1), minlength=4)
+    assert torch.equal(collect_routing_stats(layer)[""].expert_counts, greedy)
+
+
+def test_eval_output_is_the_formula():
+    torch.manual_seed(2)
+    layer = BaseLayer(5, 3, 4).double().eval()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y = layer(x)
+    for t in range(7):
+        a = layer.gate @ x[t]
+        e = a.argmax()
+        expected = torch.sigmoid(a[e]) * F.relu(x[t] @ layer.w1[e]) @ layer.w2[e]
+        torch.testing.assert_close(y[t], expected)
+
+
+def test_centroids_learn_through_the_sigmoid_gate():
+    torch.manual_seed(3)
+    layer = BaseLayer(5, 3, 4).train()
+    layer(torch.randn(9, 5)).pow(2).sum().backward()
+    assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(train_routing="sinkhorn"), "train_routing"),
+        (dict(activation="tanh"), "activation"),
+        (dict(impl="x"), "impl"),
+        (dict(n_layers=0), "n_layers"),
+    ],
+)
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BaseLayer(4, 3, 2, **kwargs)
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="n_experts"):
+        BaseLayer(4, 0, 2)
+    with pytest.raises(ValueError, match="d_model"):
+        BaseLayer(4, 3, 2)(torch.randn(3, 5))
