@@ -6,7 +6,8 @@ Format (UTF-8, one JSON object per line, blank lines ignored):
     {"context": "Two plus two is", "choices": [" four", " five"], "label": 0}
     ...
 
-The header, if present, is the first non-blank line, told apart by having no "context"; its
+The header, if present, is the first non-blank line, told apart by having none of "context",
+"choices" and "label"; its
 keys are `name` (default: the file name without .jsonl), `template` (must contain
 "{context}"; default "{context}"), `separator` between demonstrations (default "\\n\\n") and
 `description`. Each example has `context` (string), `choices` (at least two strings) and
@@ -28,6 +29,7 @@ from moe_data.errors import DataError
 from moe_data.sources import decode_utf8, existing_file, read_bytes
 
 HEADER_KEYS = {"name", "template", "separator", "description"}
+EXAMPLE_KEYS = {"context", "choices", "label"}
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,12 @@ def load_tasks(path) -> Task:
             raise _fail(src, lineno, f"not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(obj, dict):
             raise _fail(src, lineno, f"expected a JSON object, got {type(obj).__name__}")
-        if "context" not in obj:
+        if not EXAMPLE_KEYS & set(obj):
             if header or examples:
                 raise _fail(
-                    src, lineno, "missing field 'context' (only the first line may be a header)"
+                    src,
+                    lineno,
+                    "a header (no context, choices or label) may only be the first line",
                 )
             header = _header(obj, src, lineno)
             continue
