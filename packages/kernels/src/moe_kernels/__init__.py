@@ -1,19 +1,59 @@
-"""moe_kernels: the expert matmul primitive of Mixture-of-Experts layers."""
+"""moe_kernels: the expert matmul primitive of Mixture-of-Experts layers.
 
-import torch.nn.functional as F
+Public: expert_matmul, expert_mlp, sort_by_expert (and the references expert_matmul_naive,
+expert_mlp_naive, sort_by_expert_naive that every fast path is tested against).
+"""
 
-from moe_kernels.expert_matmul.naive import expert_matmul_naive
+import torch
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-
-
-def expert_matmul(x, w, idx, gates=None):
-    return expert_matmul_naive(x, w, idx, gates)
-
-
-def expert_mlp(x, w1, w2, idx, gates, activation="relu"):
-    h_TKG = _ACTIVATIONS[activation](expert_matmul(x, w1, idx))
-    return expert_matmul(h_TKG, w2, idx, gates)
+from moe_kernels.expert_matmul.function import ExpertMatmulFunction, ExpertMLPFunction
+from moe_kernels.expert_matmul.naive import expert_matmul_naive, expert_mlp_naive
+from moe_kernels.expert_matmul.validate import check_matmul, check_mlp
+from moe_kernels.routing import Routing, sort_by_expert, sort_by_expert_naive
 
 
-__all__ = ["expert_matmul", "expert_mlp"]
+def expert_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    gates: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Row (t, k) = x[t] (or x[t, k]) @ w[idx[t, k]]: [T, K, d_out]; with gates [T, K] the
+    gate-weighted sum over the K slots, [T, d_out]. Differentiable in x, w and gates.
+
+    x [T, d_in] or [T, K, d_in]; w [E, d_in, d_out]; idx [T, K] integer in [0, E).
+    backend: "auto" (Triton on CUDA, the torch grouped-matmul path on the CPU and for fp64),
+    "torch" or "triton" (forces the kernels, e.g. on the CPU under TRITON_INTERPRET=1).
+    """
+    check_matmul(x, w, idx, gates, backend)
+    return ExpertMatmulFunction.apply(x, w, idx, gates, backend)
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    idx: torch.Tensor,
+    gates: torch.Tensor,
+    activation: str = "relu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """sum_k gates[t, k] * act(x[t] @ w1[e]) @ w2[e] with e = idx[t, k]: [T, D] -> [T, D].
+
+    w1 [E, D, G], w2 [E, G, D], idx and gates [T, K]; activation "relu", "gelu" (exact erf form)
+    or "silu". Gates may hold zeros (dropped slots). backend as for expert_matmul.
+    """
+    check_mlp(x, w1, w2, idx, gates, activation, backend)
+    return ExpertMLPFunction.apply(x, w1, w2, idx, gates, activation, backend)
+
+
+__all__ = [
+    "Routing",
+    "expert_matmul",
+    "expert_matmul_naive",
+    "expert_mlp",
+    "expert_mlp_naive",
+    "sort_by_expert",
+    "sort_by_expert_naive",
+]

@@ -1,6 +1,12 @@
-"""Plain PyTorch reference for the expert matmul: sort (token, slot) rows by expert, loop over experts."""
+"""Plain PyTorch reference for the expert matmul: sort (token, slot) rows by expert, loop over experts.
+
+Readable rather than fast; autograd differentiates it. Every fast path is tested against it.
+"""
 
 import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 def expert_matmul_naive(x, w, idx, gates=None):
@@ -13,7 +19,7 @@ def expert_matmul_naive(x, w, idx, gates=None):
     E, d_in, d_out = w.shape
     x_TKD = x.unsqueeze(1).expand(T, K, d_in) if x.dim() == 2 else x
     rows_ND = x_TKD.reshape(T * K, d_in)
-    flat_idx = idx.reshape(-1)
+    flat_idx = idx.reshape(-1).long()
     order = torch.argsort(flat_idx, stable=True)
     out_ND = rows_ND.new_zeros(T * K, d_out)
     counts = torch.bincount(flat_idx, minlength=E).tolist()
@@ -27,3 +33,9 @@ def expert_matmul_naive(x, w, idx, gates=None):
     if gates is None:
         return y_TKD
     return (gates.unsqueeze(-1).to(y_TKD.dtype) * y_TKD).sum(1)
+
+
+def expert_mlp_naive(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation="relu"):
+    """Two expert matmuls with the activation between: [T, d] -> [T, d]."""
+    h_TKG = ACTIVATIONS[activation](expert_matmul_naive(x_TD, w1_EDG, idx_TK))
+    return expert_matmul_naive(h_TKG, w2_EGD, idx_TK, gates_TK)

@@ -1,0 +1,1 @@
+"""The expert matmul: reference, CPU fast path, Triton kernels and their autograd Functions."""
