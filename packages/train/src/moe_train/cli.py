@@ -59,7 +59,6 @@ def _flag_fields(args) -> dict:
     return {
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
         "lr": args.lr,
         "warmup_steps": args.warmup_steps,
         "grad_accum": args.grad_accum,
@@ -86,7 +85,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="optimiser steps (= train.max_steps, also the schedule length)",
     )
     p.add_argument("--batch-size", type=int, help="global batch (= train.batch_size)")
-    p.add_argument("--seq-len", type=int, help="segment length (= train.seq_len)")
+    p.add_argument("--seq-len", type=int, help="segment length (= the model field seq_len)")
     p.add_argument("--lr", type=float, help="peak learning rate (= train.lr)")
     p.add_argument("--warmup-steps", type=int, help="= train.warmup_steps")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step (= train.grad_accum)")
@@ -125,7 +124,10 @@ def build_parser() -> Parser:
         "checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)"
     )
     e.add_argument("--data", help="data spec (default: the one the checkpoint was trained on)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument(
+        "--max-batches", type=int, default=0, help="evaluate only N batches per split (0: all)"
+    )
     e.add_argument("--seq-len", type=int, help="segment length (default: the training one)")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", help="JSON file for the metrics (default: next to the checkpoint)")
@@ -181,7 +183,7 @@ def _resume_config(args, out_dir: Path) -> RunConfig:
             f"cannot resume it as {args.preset} ({wanted})"
         )
     model_over, train_over = split_overrides(args.overrides)
-    if model_over or args.config:
+    if model_over or args.config or args.seq_len is not None:
         raise CLIError("--resume keeps the checkpoint's model; drop the model overrides/--config")
     if args.data is not None and args.data != saved.data:
         saved.data = args.data
@@ -266,7 +268,7 @@ def cmd_eval(args) -> int:
         args.checkpoint, args.data, args.device
     )
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
-    seq_len = args.seq_len or cfg.train.seq_len
+    seq_len = args.seq_len or cfg.model.seq_len
     record = {"checkpoint": payload["path"], "step": payload["step"], "data": corpus.name}
     for split in ("valid", "test"):
         try:

@@ -34,13 +34,15 @@ class TrainConfig:
     """Training options; every field can be set with `train.FIELD=VALUE`.
 
     batch_size is the global batch of one optimiser step (summed over ranks and accumulation
-    micro-batches); it must be divisible by world_size * grad_accum. Defaults are sized so that
+    micro-batches); it must be divisible by world_size * grad_accum. The segment length is the
+    model's `seq_len` (the XL unroll, the decoder's context), set like any model field.
+    eval_batches caps the evaluations during training, final_eval_batches the one at the end
+    (0: the whole validation split). Defaults are sized so that
     `moe-train train` on the tiny σ-MoE preset finishes in a few minutes on two CPU cores.
     """
 
     max_steps: int = 1200
     batch_size: int = 16
-    seq_len: int = 64
     grad_accum: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -52,6 +54,8 @@ class TrainConfig:
     grad_clip: float = 0.25
     eval_interval: int = 400
     eval_batches: int = 20
+    final_eval_batches: int = 0
+    eval_batch_size: int = 32
     log_interval: int = 10
     routing_interval: int = 100
     save_interval: int = 400
@@ -61,12 +65,20 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        positive = ("max_steps", "batch_size", "seq_len", "grad_accum", "lr", "log_interval")
+        positive = (
+            "max_steps",
+            "batch_size",
+            "eval_batch_size",
+            "grad_accum",
+            "lr",
+            "log_interval",
+        )
         positive += ("eval_interval", "routing_interval", "save_interval", "keep_last")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise CLIError(f"train.{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_batches", "weight_decay", "grad_clip", "min_lr_ratio"):
+        non_negative = ("warmup_steps", "eval_batches", "final_eval_batches", "weight_decay")
+        for name in (*non_negative, "grad_clip", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise CLIError(f"train.{name} must not be negative, got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
@@ -222,16 +234,19 @@ def resolve(
     config_file: str | None = None,
     data: str | None = None,
     flags: dict[str, Any] | None = None,
+    model_flags: dict[str, Any] | None = None,
     overrides: list[str] = (),
 ) -> RunConfig:
     """Build the RunConfig from preset, config file, flags and `key=value` overrides (later wins).
 
-    flags maps TrainConfig field names to values; None values are ignored (flag not given).
+    flags maps TrainConfig field names to values, model_flags model fields (--seq-len); None
+    values are ignored (flag not given).
     """
     file = load_config_file(config_file) if config_file else {}
     name = preset or file.get("preset") or DEFAULT_PRESET
     model_over, train_over = split_overrides(list(overrides))
-    model_cfg = model_config(name, {**file.get("model", {}), **model_over})
+    given_model = {k: v for k, v in (model_flags or {}).items() if v is not None}
+    model_cfg = model_config(name, {**file.get("model", {}), **given_model, **model_over})
     train = apply_train_overrides(TrainConfig(), file.get("train", {}), source=str(config_file))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     train = apply_train_overrides(train, given, source="flags")

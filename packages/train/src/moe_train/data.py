@@ -38,7 +38,7 @@ class Batches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(inputs [B, L], targets [B, L], starts_new_epoch)."""
-        new_epoch = self._it is None
+        new_epoch = self.xl and self.batcher.position == 0
         if self._it is None:
             self._it = iter(self.batcher)
         try:
@@ -46,15 +46,18 @@ class Batches:
         except StopIteration:
             self._it = iter(self.batcher)
             inputs, targets = next(self._it)
-            new_epoch = True
         return self._tensor(inputs), self._tensor(targets), new_epoch
 
     def _tensor(self, a) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
-        return {"batcher": self.batcher.state_dict(), "started": self._it is not None}
+        """The position of the next batch (the batchers' own state says exactly that)."""
+        return self.batcher.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state["batcher"])
-        self._it = iter(self.batcher) if state["started"] else None
+        try:
+            self.batcher.load_state_dict(state)
+        except ValueError as e:
+            raise CLIError(f"checkpoint data position does not fit this data: {e}") from None
+        self._it = None

@@ -97,8 +97,8 @@ def accuracy(
     model.eval()
     examples = task.examples if max_examples <= 0 else task.examples[:max_examples]
     correct = 0
-    for i, example in enumerate(examples):
-        prefix, choices = moe_data.build_prompt(task, example, k_shot, seed + i)
+    for example in examples:
+        prefix, choices = moe_data.build_prompt(task, example, k_shot, seed)
         prefix_ids = encode(corpus, prefix)
         pairs = [sequence(prefix_ids, encode(corpus, c), max_len) for c in choices]
         scores = choice_scores(model, pairs, device, normalize)
@@ -125,8 +125,8 @@ def finetune(
     if not task.examples:
         raise CLIError(f"task {task.name} has no examples to fine-tune on")
     pairs = []
-    for i, example in enumerate(task.examples):
-        prefix, choices = moe_data.build_prompt(task, example, 0, seed + i)
+    for example in task.examples:
+        prefix, choices = moe_data.build_prompt(task, example, 0, seed)
         pairs.append(
             sequence(encode(corpus, prefix), encode(corpus, choices[example.label]), max_len)
         )

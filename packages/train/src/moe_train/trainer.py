@@ -184,7 +184,7 @@ class Trainer:
         self.batches = Batches(
             self.corpus.train,
             self.micro_batch,
-            train.seq_len,
+            self.cfg.model.seq_len,
             xl=self.xl,
             seed=train.seed,
             rank=env.rank,
@@ -299,8 +299,8 @@ class Trainer:
                 self.scaler.scale(out.loss / train.grad_accum).backward()
             if self.xl:
                 self.mems = detach_mems(out.mems)
-            lm_sum += float(out.lm_loss)
-            aux_sum += float(out.loss) - float(out.lm_loss)
+            lm_sum += float(out.lm_loss.detach())
+            aux_sum += float(out.loss.detach()) - float(out.lm_loss.detach())
             self.routing.add(out.routing_stats)
         if train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -318,8 +318,8 @@ class Trainer:
             self.model,
             self.corpus.valid,
             arch=self.arch,
-            batch_size=max(self.micro_batch, 1),
-            seq_len=train.seq_len,
+            batch_size=max(train.eval_batch_size // self.env.world_size, 1),
+            seq_len=self.cfg.model.seq_len,
             env=self.env,
             precision=train.precision,
             max_batches=max_batches,
@@ -333,13 +333,13 @@ class Trainer:
             if self.opts.stop_at is None
             else min(self.opts.stop_at, train.max_steps)
         )
-        tokens_per_step = train.batch_size * train.seq_len
+        tokens_per_step = train.batch_size * self.cfg.model.seq_len
         unit = "bpc" if uses_bpc(self.level) else "ppl"
         if env.is_main:
             print(
                 f"training {self.cfg.preset} ({self.arch}) on {self.corpus.name} "
                 f"[{self.level}], {env.world_size} process(es) on {env.device}; out: {self.out_dir}",
-                file=sys.stderr,
+                flush=True,
             )
         bar = tqdm(
             total=train.max_steps,
@@ -402,7 +402,7 @@ class Trainer:
                     break
         bar.close()
         if self.step >= train.max_steps and self.opts.final_eval:
-            last_valid = self.validate(0)
+            last_valid = self.validate(train.final_eval_batches)
             if last_valid < self.best_valid:
                 self.best_valid = last_valid
                 self.save(is_best=True)

@@ -1,0 +1,56 @@
+"""Helpers for the moe-train tests: in-process CLI calls and tiny model/run settings."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_train.cli import main
+
+# a model small enough that a training step takes milliseconds on one CPU core
+TINY_MODEL = [
+    "d_model=32", "n_layers=1", "n_heads=2", "seq_len=16", "d_ff=64",
+    "n_experts=4", "expert_size=16",
+]
+TINY_TRAIN = [
+    "--batch-size", "4", "--no-progress", "--no-tensorboard",
+    "train.eval_batches=2", "train.final_eval_batches=2", "train.eval_batch_size=4",
+    "train.warmup_steps=2", "train.log_interval=1",
+]
+
+
+class CLI:
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = self.capsys.readouterr()
+        return rc, out, err
+
+    def train(self, out: Path, *extra: str, preset: str = "tiny-sigma-moe") -> tuple[int, str, str]:
+        return self("train", "--preset", preset, "--out", out, *TINY_TRAIN, *TINY_MODEL, *extra)
+
+
+@pytest.fixture
+def cli(capsys):
+    return CLI(capsys)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r}
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
