@@ -4,18 +4,28 @@ import json
 from pathlib import Path
 
 import pytest
-
 from moe_train.cli import main
 
 # a model small enough that a training step takes milliseconds on one CPU core
 TINY_MODEL = [
-    "d_model=32", "n_layers=1", "n_heads=2", "seq_len=16", "d_ff=64",
-    "n_experts=4", "expert_size=16",
+    "d_model=32",
+    "n_layers=1",
+    "n_heads=2",
+    "seq_len=16",
+    "d_ff=64",
+    "n_experts=4",
+    "expert_size=16",
 ]
 TINY_TRAIN = [
-    "--batch-size", "4", "--no-progress", "--no-tensorboard",
-    "train.eval_batches=2", "train.final_eval_batches=2", "train.eval_batch_size=4",
-    "train.warmup_steps=2", "train.log_interval=1",
+    "--batch-size",
+    "4",
+    "--no-progress",
+    "--no-tensorboard",
+    "train.eval_batches=2",
+    "train.final_eval_batches=2",
+    "train.eval_batch_size=4",
+    "train.warmup_steps=2",
+    "train.log_interval=1",
 ]
 
 

@@ -7,13 +7,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from moe_train import checkpoint as ckpt
 from moe_train.errors import CLIError
 
 
 def payload(step: int) -> dict:
-    return {"run_config": {"preset": "p"}, "model": {"w": torch.full((3,), float(step))}, "step": step}
+    return {
+        "run_config": {"preset": "p"},
+        "model": {"w": torch.full((3,), float(step))},
+        "step": step,
+    }
 
 
 def test_save_then_load_round_trip_and_latest(tmp_path):
@@ -93,4 +96,6 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path_factory, see
     expected = (random.random(), np.random.rand(), torch.rand(3))
     ckpt.set_rng_state(torch.load(path, weights_only=True)["rng"])
     again = (random.random(), np.random.rand(), torch.rand(3))
-    assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
+    assert (
+        expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
+    )

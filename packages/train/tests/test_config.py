@@ -4,7 +4,6 @@ import json
 
 import moe_models
 import pytest
-
 from moe_train.config import TrainConfig, parse_value, resolve, split_overrides
 from moe_train.errors import CLIError
 
@@ -18,7 +17,9 @@ def test_defaults_are_the_default_preset_and_train_config():
 
 
 def test_overrides_reach_model_and_train_fields_with_their_types():
-    cfg = resolve(overrides=["d_model=64", "model.n_layers=3", "train.lr=3e-4", "train.schedule=linear"])
+    cfg = resolve(
+        overrides=["d_model=64", "model.n_layers=3", "train.lr=3e-4", "train.schedule=linear"]
+    )
     assert cfg.model.d_model == 64 and cfg.model.n_layers == 3
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.schedule == "linear"
@@ -30,7 +31,9 @@ def test_precedence_file_then_flags_then_overrides(tmp_path):
         'preset = "tiny-dense"\ndata = "default"\n[model]\nd_model = 48\n'
         "[train]\nlr = 0.5\nmax_steps = 7\nseed = 3\n"
     )
-    cfg = resolve(config_file=str(path), flags={"max_steps": 9, "seed": None}, overrides=["train.lr=0.25"])
+    cfg = resolve(
+        config_file=str(path), flags={"max_steps": 9, "seed": None}, overrides=["train.lr=0.25"]
+    )
     assert cfg.preset == "tiny-dense" and cfg.data == "default"
     assert cfg.model.d_model == 48
     assert cfg.train.max_steps == 9  # flag beats file
@@ -78,8 +81,16 @@ def test_config_file_with_unknown_table_or_bad_syntax(tmp_path):
 
 @pytest.mark.parametrize(
     "text, like, expected",
-    [("true", False, True), ("0", True, False), ("12", 3, 12), ("1e-3", 0.5, 1e-3),
-     ("none", None, None), ("4", None, 4), ("gelu", "relu", "gelu"), ("1,2", (0,), (1, 2))],
+    [
+        ("true", False, True),
+        ("0", True, False),
+        ("12", 3, 12),
+        ("1e-3", 0.5, 1e-3),
+        ("none", None, None),
+        ("4", None, 4),
+        ("gelu", "relu", "gelu"),
+        ("1,2", (0,), (1, 2)),
+    ],
 )
 def test_parse_value_reads_the_type_of_the_replaced_value(text, like, expected):
     assert parse_value(text, like, "k") == expected

@@ -5,7 +5,6 @@ import math
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from moe_train.config import TrainConfig
 from moe_train.schedule import lr_factor, make_scheduler
 
@@ -18,7 +17,9 @@ from moe_train.schedule import lr_factor, make_scheduler
 )
 def test_shape_of_the_schedule(max_steps, warmup, schedule, min_ratio):
     f = [
-        lr_factor(s, max_steps=max_steps, warmup_steps=warmup, schedule=schedule, min_ratio=min_ratio)
+        lr_factor(
+            s, max_steps=max_steps, warmup_steps=warmup, schedule=schedule, min_ratio=min_ratio
+        )
         for s in range(max_steps + warmup + 2)
     ]
     if warmup:
