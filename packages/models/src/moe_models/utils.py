@@ -74,20 +74,42 @@ def count_parameters(model_or_config) -> dict[str, int]:
     return {"total": total, "active": active}
 
 
+def _spatial_params(cfg: ModelConfig) -> int:
+    """Parameters of the sMLP's [seq_len, seq_len] spatial projections (and their biases): a
+    token uses one row of them per channel, so their FLOPs are counted by `_mixing_flops`."""
+    from moe_models.api import build
+
+    def count():
+        return sum(
+            p.numel()
+            for name, p in build(cfg).named_parameters()
+            if ".sgu.weight" in name or ".sgu.bias" in name or ".smoe." in name
+        )
+
+    return _on_meta(count)
+
+
 def _mixing_flops(cfg: ModelConfig) -> int:
-    """Token-mixing multiply-adds per token per layer that no parameter count captures."""
+    """Token-mixing multiply-adds per token, over all layers, that no parameter count captures."""
     L = cfg.seq_len
     causal_ctx = (L + 1) / 2  # mean number of earlier-or-same positions a query sees
     if cfg.arch == "smlp":
-        return int(cfg.smlp_d_ff // 2 * causal_ctx)
+        from moe_models.smlp import is_sparse_block
+
+        widths = [
+            cfg.d_model if is_sparse_block(cfg, i) else cfg.smlp_d_ff // 2
+            for i in range(cfg.n_layers)
+        ]
+        return int(sum(widths) * causal_ctx)
     inner = cfg.n_heads * cfg.head_dim
     if cfg.arch == "decoder":
-        return int(2 * inner * causal_ctx)  # q·k and attention-weighted v
+        return int(cfg.n_layers * 2 * inner * causal_ctx)  # q·k and attention-weighted v
     M = cfg.memory_length
     K = M + L
     # q·k and weighted v over memory + causal context, q·r over all K distances, and W_r applied
     # to the K distance embeddings once per segment
-    return int(2 * inner * (M + causal_ctx) + inner * K + cfg.d_model * inner * K / L)
+    per_layer = 2 * inner * (M + causal_ctx) + inner * K + cfg.d_model * inner * K / L
+    return int(cfg.n_layers * per_layer)
 
 
 def flops_per_token(model_or_config) -> int:
@@ -101,7 +123,9 @@ def flops_per_token(model_or_config) -> int:
     if cfg.arch == "decoder" and cfg.positions == "learned":
         lookups += cfg.seq_len * cfg.d_model
     head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
-    return int(2 * (active - lookups + head) + 2 * cfg.n_layers * _mixing_flops(cfg))
+    if cfg.arch == "smlp":
+        lookups += _spatial_params(cfg)
+    return int(2 * (active - lookups + head) + 2 * _mixing_flops(cfg))
 
 
 def _dense_size(params: int, d_model: int, bias: bool) -> int:

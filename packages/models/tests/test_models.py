@@ -1,0 +1,137 @@
+"""Output shapes, causality, Transformer-XL memory, the decoder cache and the loss of every model."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moe_models import IGNORE_INDEX
+from moe_models.config import ARCHS, FFN_TYPES
+from torch.nn import functional as F
+
+ALL = [(a, f) for a in ARCHS for f in FFN_TYPES]
+
+
+@pytest.mark.parametrize("arch,ffn", ALL)
+@settings(max_examples=4)  # 27 combinations: few examples each keeps the suite fast
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 16),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_shapes_and_causality(small, arch, ffn, batch, length, data, seed):
+    """Changing the token at position p never changes the logits before p (in eval mode, where
+    every layer routes each token on its own)."""
+    model = small(arch, ffn, seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 37, (batch, length), generator=g)
+    pos = data.draw(st.integers(0, length - 1), label="changed position")
+    changed = tokens.clone()
+    changed[:, pos] = (changed[:, pos] + 1 + torch.randint(0, 36, (batch,), generator=g)) % 37
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.logits.shape == (batch, length, 37)
+    assert a.loss is None and a.lm_loss is None
+    torch.testing.assert_close(a.logits[:, :pos], b.logits[:, :pos], rtol=1e-5, atol=1e-5)
+    # the changed token's own logits do depend on it (it is the input at that position)
+    assert not torch.allclose(a.logits[:, pos], b.logits[:, pos])
+
+
+@pytest.mark.parametrize("ffn", ["dense", "sigma_moe", "pkm"])
+@given(first=st.integers(1, 10), second=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_xl_memory_matches_one_long_window(small, ffn, first, second, seed):
+    """Two segments with memory give the logits of one forward pass over both, when the memory
+    holds the whole first segment."""
+    model = small("transformer_xl", ffn, seed, mem_len=first).eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 37, (2, first + second), generator=g)
+    with torch.no_grad():
+        whole = model(tokens).logits
+        out1 = model(tokens[:, :first])
+        out2 = model(tokens[:, first:], mems=out1.mems)
+    assert [m.shape[1] for m in out2.mems] == [min(first, second + first)] * 2
+    torch.testing.assert_close(torch.cat([out1.logits, out2.logits], 1), whole)
+
+
+@given(seg=st.integers(1, 6), mem_len=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_xl_memory_is_a_sliding_window(small, seg, mem_len, seed):
+    """Three segments with a memory of mem_len positions: the third segment's logits equal a
+    single pass over the same last mem_len positions of context followed by the segment, when
+    the model has one layer (so that the memory is exactly the embedded context)."""
+    model = small("transformer_xl", "dense", seed, mem_len=mem_len, n_layers=1).eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 37, (2, 3 * seg), generator=g)
+    with torch.no_grad():
+        mems = None
+        for s in range(3):
+            out = model(tokens[:, s * seg : (s + 1) * seg], mems=mems)
+            mems = out.mems
+        start = max(2 * seg - mem_len, 0)
+        direct = model(tokens[:, start:]).logits[:, -seg:]
+    torch.testing.assert_close(out.logits, direct)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "gshard"])
+@given(prefix=st.integers(1, 8), steps=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_decoder_cache_matches_full_pass(small, ffn, prefix, steps, seed):
+    model = small("decoder", ffn, seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 37, (2, prefix + steps), generator=g)
+    with torch.no_grad():
+        full = model(tokens).logits
+        out = model(tokens[:, :prefix], use_cache=True)
+        pieces = [out.logits]
+        for t in range(prefix, prefix + steps):
+            out = model(tokens[:, t : t + 1], past_kv=out.past_kv, use_cache=True)
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_ignores_masked_targets_and_adds_aux_losses(small, arch):
+    model = small(arch, "sigma_moe", 3).train()
+    tokens = torch.randint(0, 37, (2, 12))
+    targets = torch.randint(0, 37, (2, 12))
+    targets[0, :5] = IGNORE_INDEX
+    out = model(tokens, targets)
+    keep = targets != IGNORE_INDEX
+    expected = F.cross_entropy(out.logits[keep], targets[keep])
+    torch.testing.assert_close(out.lm_loss, expected)
+    assert set(out.aux_losses) == {"entropy"}
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_losses["entropy"])
+    assert out.routing_stats, "a routed model reports its routing statistics"
+    model.eval()
+    evaluated = model(tokens, targets)
+    assert evaluated.aux_losses == {}
+    torch.testing.assert_close(evaluated.loss, evaluated.lm_loss)
+
+
+def test_all_targets_masked_gives_zero_loss(small):
+    model = small("decoder", "dense")
+    tokens = torch.randint(0, 37, (1, 4))
+    out = model(tokens, torch.full_like(tokens, IGNORE_INDEX))
+    assert out.lm_loss.item() == 0.0
+
+
+def test_layers_may_differ(small):
+    model = small("transformer_xl", "sigma_moe", layer_ffn={0: {"type": "dense", "d_ff": 40}})
+    assert type(model.layers[0].ffn.ffn).__name__ == "DenseFFN"
+    assert type(model.layers[1].ffn.ffn).__name__ == "SigmaMoE"
+    assert model(torch.randint(0, 37, (1, 5))).logits.shape == (1, 5, 37)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bad_tokens_are_clear_errors(small, arch):
+    model = small(arch, "dense")
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.tensor([[0, 37]]))
+    with pytest.raises(ValueError, match="tokens must be an integer tensor"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_smlp_window_is_a_clear_error(small):
+    model = small("smlp", "dense")
+    with pytest.raises(ValueError, match="seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
