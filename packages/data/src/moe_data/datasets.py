@@ -30,7 +30,7 @@ SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 ENWIK8_SIZES = (90_000_000, 5_000_000, 5_000_000)
 DEFAULT_BPE_VOCAB = 4096
-BPE_CHUNK_CHARS = 1 << 16
+BPE_CHUNK_CHARS = 1 << 12
 
 
 def split_sizes(n: int, split, path) -> tuple[int, int, int]:
@@ -80,7 +80,7 @@ def text(path, level: str = "char", split=DEFAULT_SPLIT, *, cache_dir=None) -> C
         else:
             codes = np.frombuffer(decode_utf8(data, src).encode("utf-32-le"), dtype="<u4")
             vocab = CharVocab.from_codes(codes)
-            ids = np.searchsorted(vocab.codes, codes).astype(vocab.dtype)
+            ids = vocab.encode_codes(codes)
         return vocab, _cut(ids, split_sizes(len(ids), split, src))
 
     split_sizes(10**6, split, src)
@@ -209,7 +209,7 @@ def bpe(
     else:
         given, tok_sources, key = _load_tokenizer(tokenizer)
         key["kind"] = "bpe"
-    key |= {"split": list(split), "tokenizers": tokenizers.__version__}
+    key |= {"split": list(split), "tokenizers": tokenizers.__version__, "chunk": BPE_CHUNK_CHARS}
     split_sizes(10**6, split, src)
 
     def build():

@@ -45,6 +45,10 @@ class CharVocab:
         self.codes = np.frombuffer(chars.encode("utf-32-le"), dtype="<u4")
         if np.any(np.diff(self.codes.astype(np.int64)) <= 0):
             raise DataError("a character vocabulary must be sorted and free of duplicates")
+        # a code point -> id table (at most 4.4 MB); its last slot, -1, stands for every code
+        # point above the vocabulary's largest
+        self._table = np.full(int(self.codes[-1]) + 2, -1, dtype=np.int32)
+        self._table[self.codes] = np.arange(len(self.codes), dtype=np.int32)
 
     @classmethod
     def from_codes(cls, codes_N: np.ndarray) -> CharVocab:
@@ -59,12 +63,14 @@ class CharVocab:
         return id_dtype(self.size)
 
     def encode(self, text: str) -> np.ndarray:
-        codes_N = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-        ids_N = np.searchsorted(self.codes, codes_N)
-        known = ids_N < len(self.codes)
-        known[known] = self.codes[ids_N[known]] == codes_N[known]
-        if not known.all():
-            missing = sorted(set(codes_N[~known].tolist()))[:10]
+        return self.encode_codes(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
+
+    def encode_codes(self, codes_N: np.ndarray) -> np.ndarray:
+        """Code points (uint32) to ids; any character outside the vocabulary is an error."""
+        ids_N = self._table[np.minimum(codes_N, len(self._table) - 1)]
+        unknown = ids_N < 0
+        if unknown.any():
+            missing = sorted(set(codes_N[unknown].tolist()))[:10]
             shown = ", ".join(repr(chr(c)) for c in missing)
             raise DataError(f"text has characters outside the vocabulary: {shown}")
         return ids_N.astype(self.dtype)
@@ -215,7 +221,9 @@ class BPEVocab:
 
     def encode_chunks(self, chunks: list[str]) -> np.ndarray:
         """Many pieces at once (the library spreads them over threads), concatenated."""
-        encodings = self.tokenizer.encode_batch(chunks)
+        # the fast variant (tokenizers >= 0.21) skips the character offsets, which are not needed
+        encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode_batch(chunks)
         return np.fromiter(
             (i for e in encodings for i in e.ids),
             dtype=self.dtype,
