@@ -144,3 +144,20 @@ def test_cached_word_and_bpe_vocabularies_survive(tmp_path, write):
     b1, b2 = moe_data.bpe(path, vocab_size=280), moe_data.bpe(path, vocab_size=280)
     assert b2.encode("abc klm").tolist() == b1.encode("abc klm").tolist()
     assert b2.train.tolist() == b1.train.tolist()
+
+
+def test_entry_stored_by_another_process_meanwhile_is_kept(write, tmp_path):
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    vocab = moe_data.CharVocab("".join(sorted(set(TEXT))))
+    ids = vocab.encode(TEXT)
+    arrays = {"train": ids[:400], "valid": ids[400:450], "test": ids[450:]}
+    key = {"kind": "race"}
+
+    def build_while_another_rank_stores():
+        cache.cached(store, "race", key, [path], lambda: (vocab, arrays))
+        return vocab, {s: a[::-1].copy() for s, a in arrays.items()}
+
+    _, got = cache.cached(store, "race", key, [path], build_while_another_rank_stores)
+    assert isinstance(got["train"], np.memmap)
+    assert got["train"].tolist() == arrays["train"].tolist()
+    assert [p.name for p in store.iterdir() if p.name.startswith(".tmp")] == []

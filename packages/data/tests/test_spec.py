@@ -50,6 +50,11 @@ def test_bad_specs(spec, message):
     assert isinstance(err.value, ValueError)
 
 
+def test_non_string_spec():
+    with pytest.raises(DataError, match="must be a string"):
+        moe_data.load(42)
+
+
 def test_bare_existing_path_gets_a_hint(write):
     path = write("t.txt", TEXT)
     with pytest.raises(DataError, match=f"write text:{path}"):

@@ -152,6 +152,10 @@ def cached(
     try:
         _write_entry(tmp, key, described, vocab, arrays)
         if entry.exists():
+            # another process (a data-parallel rank) may have stored it meanwhile
+            if (found := read_entry(entry, key)) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return found
             shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)
     except OSError as err:

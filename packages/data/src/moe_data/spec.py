@@ -31,10 +31,10 @@ def load(spec: str | None, cache_dir=None) -> Corpus:
     built-in corpus at character level ("default:byte", "default:bpe" for the other levels).
     Raises DataError with a one-line message for an unknown kind or a missing path.
     """
+    if spec is not None and not isinstance(spec, str):
+        raise DataError(f"--data must be a string such as text:PATH, not {spec!r}")
     if spec is None or spec.strip() in ("", "default"):
         return datasets.default_corpus("char", cache_dir=cache_dir)
-    if not isinstance(spec, str):
-        raise DataError(f"--data must be a string such as text:PATH, not {spec!r}")
     kind, sep, rest = spec.strip().partition(":")
     if kind == "default":
         if rest not in DEFAULT_LEVELS:
