@@ -103,5 +103,5 @@ def batching_rows(repeats: int) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
-    repeats = 3 if quick else 7
+    repeats = 3 if quick else 5
     return tokenisation_rows(repeats) + batching_rows(repeats)
