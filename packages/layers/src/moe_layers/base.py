@@ -141,9 +141,8 @@ def reference_expert_mlp(
     act = ACTIVATIONS[activation]
     y_TD = torch.zeros_like(x_TD)
     for e in range(w1_EDG.shape[0]):
+        # an expert without tokens still joins the graph, so that y has a gradient path (zeros)
         tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
         u = act(x_TD[tok] @ w1_EDG[e])
         if hidden_dropout > 0:
             u = F.dropout(u, hidden_dropout)

@@ -99,8 +99,8 @@ class PKM(MoEModule):
         q2_THd = x_TD[:, None, half:].expand(T, self.n_heads, half)
         select = brute_force_topk if self.impl == "reference" else product_key_topk
         scores_THK, idx_THK = select(q1_THd, q2_THd, self.keys, self.knn)
-        scores_TN = scores_THK.reshape(T, -1)
-        idx_TN = idx_THK.reshape(T, -1)
+        scores_TN = scores_THK.reshape(T, self.n_heads * self.knn)
+        idx_TN = idx_THK.reshape(T, self.n_heads * self.knn)
         if self.activation == "softmax":
             weights_TN = torch.softmax(scores_TN, dim=-1)
         else:
