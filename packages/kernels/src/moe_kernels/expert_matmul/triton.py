@@ -10,6 +10,8 @@ Accumulation is fp32 for every input dtype (fp32 inputs use IEEE-precision dots,
 Importing this module needs Triton; moe_kernels imports it only when the Triton backend is used.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,11 +21,23 @@ from moe_kernels.routing.naive import Routing
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST: the Triton interpreter's dot misreads bf16 (numpy has no
+    bf16), so under TRITON_INTERPRET=1 bf16 operands are widened to fp32 first."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE or UPCAST:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _tile_times_expert_matrix(
     a_ptr, a_rows_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     n_in, n_out,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, n-block] = a[row(m)] @ w[e][:, n-block] for the sorted rows m of one tile."""
@@ -53,10 +67,7 @@ def _tile_times_expert_matrix(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = _dot(a, w, acc, IEEE, UPCAST)
     out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(
         out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :]
@@ -68,14 +79,14 @@ def expert_matmul_fwd_kernel(
     x_ptr, x_rows_ptr, w_ptr, y_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     d_in, d_out,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """y[m] = x[x_rows[m]] @ w[e] for the sorted rows m of expert e; y [N, d_out] sorted."""
     _tile_times_expert_matrix(
         x_ptr, x_rows_ptr, w_ptr, y_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
         d_in, d_out, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-        HAS_ROWS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_ROWS, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
 
 
@@ -84,14 +95,14 @@ def expert_matmul_bwd_dx_kernel(
     dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     d_in, d_out,
     stride_dym, stride_dyk, stride_we, stride_w_in, stride_w_out, stride_dxm, stride_dxn,
-    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dx[m] = dy[dy_rows[m]] @ w[e]^T: w [E, d_in, d_out] is read transposed through its strides."""
     _tile_times_expert_matrix(
         dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
         d_out, d_in, stride_dym, stride_dyk, stride_we, stride_w_out, stride_w_in,
-        stride_dxm, stride_dxn, HAS_ROWS, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+        stride_dxm, stride_dxn, HAS_ROWS, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
 
 
@@ -100,7 +111,7 @@ def expert_matmul_bwd_dw_kernel(
     x_ptr, x_rows_ptr, dy_ptr, dy_rows_ptr, dw_ptr, offsets_ptr,
     d_in, d_out,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwk, stride_dwn,
-    HAS_X_ROWS: tl.constexpr, HAS_DY_ROWS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_X_ROWS: tl.constexpr, HAS_DY_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """dw[e] = x[rows of e]^T @ dy[rows of e], one (d_in, d_out) block of one expert per program.
@@ -135,16 +146,17 @@ def expert_matmul_bwd_dw_kernel(
             mask=mask_m[:, None] & mask_o[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_O]
-        if IEEE:
-            acc = tl.dot(x_t, dy, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_t, dy, acc)
+        acc = _dot(x_t, dy, acc, IEEE, UPCAST)
     dw_offs = (
         e.to(tl.int64) * stride_dwe + offs_i[:, None] * stride_dwk + offs_o[None, :] * stride_dwn
     )
     tl.store(
         dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_o[None, :]
     )
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block(n: int, cap: int) -> int:
@@ -213,7 +225,7 @@ class TritonBackend:
             data, rows, w_EIO, out, *self.tiles,
             d_in, d_out,
             data.stride(0), data.stride(1), *w_EIO.stride(), out.stride(0), out.stride(1),
-            HAS_ROWS=has_rows, IEEE=data.dtype == torch.float32,
+            HAS_ROWS=has_rows, IEEE=data.dtype == torch.float32, UPCAST=_upcast(data.dtype),
             BLOCK_M=self.BLOCK_M, BLOCK_N=block_n, BLOCK_K=_block(n_red, self.BLOCK_K),
         )  # fmt: skip
         return out
@@ -232,7 +244,7 @@ class TritonBackend:
             x, x_rows, g, g_rows, dw, self.routing.offsets_E1,
             d_in, d_out,
             x.stride(0), x.stride(1), g.stride(0), g.stride(1), *dw.stride(),
-            HAS_X_ROWS=has_x_rows, HAS_DY_ROWS=has_g_rows, IEEE=x.dtype == torch.float32,
+            HAS_X_ROWS=has_x_rows, HAS_DY_ROWS=has_g_rows, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype),
             BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_M=32,
         )  # fmt: skip
         return dw

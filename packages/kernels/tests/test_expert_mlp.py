@@ -1,0 +1,61 @@
+"""expert_mlp: the fused two-matmul path against two reference expert matmuls with the activation
+between, outputs and gradients of x, w1, w2 and gates."""
+
+import moe_kernels
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+@given(data=st.data())
+def test_torch_backend_matches_reference(data, kt):
+    kt.check_mlp_case(data.draw(kt.cases()), "torch")
+
+
+@pytest.mark.triton
+@given(data=st.data())
+def test_triton_kernels_match_reference(data, kt):
+    case = data.draw(kt.cases(max_T=12, max_d=20, max_E=5, dtypes=kt.TRITON_DTYPES))
+    kt.check_mlp_case(case, "triton")
+
+
+@pytest.mark.gpu
+@given(data=st.data())
+def test_triton_on_cuda_matches_reference(data, kt):
+    case = data.draw(kt.cases(max_T=300, max_d=160, max_E=16, dtypes=kt.TRITON_DTYPES))
+    kt.check_mlp_case(case, "auto", device="cuda")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_hand_written_activation_gradients(kt, activation):
+    """fp64, so the hand-written act' must match autograd's to rounding."""
+    case = kt.Case(9, 6, 7, 3, 2, 3, torch.float64, 3, False, True, True, False, activation)
+    kt.check_mlp_case(case, "torch")
+
+
+def _good(T=3, K=2, E=4, D=5, G=6):
+    return dict(
+        x=torch.randn(T, D),
+        w1=torch.randn(E, D, G),
+        w2=torch.randn(E, G, D),
+        idx=torch.arange(T * K).view(T, K) % E,
+        gates=torch.rand(T, K),
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        (dict(w2=torch.randn(4, 5, 6)), "w2"),
+        (dict(w2=torch.randn(4, 6, 5, dtype=torch.float64)), "w2"),
+        (dict(x=torch.randn(3, 2, 5)), "x"),
+        (dict(gates=None), "gates"),
+        (dict(activation="tanh"), "activation"),
+        (dict(idx=torch.tensor([[0, 9], [1, 2], [3, 0]])), "idx"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(change, name):
+    args = {**_good(), **change}
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        moe_kernels.expert_mlp(**args)
