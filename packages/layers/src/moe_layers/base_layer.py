@@ -27,22 +27,23 @@ def _auction_round(
     A bid is the price that leaves the bidder indifferent between its best and second-best column,
     plus eps. A full column's price is its lowest kept bid. Updates the tensors in place.
     """
-    n_rows, n_cols = values_NE.shape
+    n_cols = values_NE.shape[1]
     free = (owner_N < 0).nonzero().squeeze(1)
-    net_FE = values_NE[free] - prices_E
-    top_F2 = net_FE.topk(2, dim=1)
+    top_F2 = (values_NE[free] - prices_E).topk(2, dim=1)
     best_F = top_F2.indices[:, 0]
-    bid_N_new = values_NE[free, best_F] - top_F2.values[:, 1] + eps
     owner_N[free] = best_F
-    bid_N[free] = bid_N_new
-    held_EN = torch.full((n_cols, n_rows), float("-inf"), dtype=values_NE.dtype)
-    held_EN[owner_N, torch.arange(n_rows)] = bid_N
-    kept = held_EN.topk(cap, dim=1)
-    keep_EN = torch.zeros(n_cols, n_rows, dtype=torch.bool)
-    keep_EN.scatter_(1, kept.indices, kept.values > float("-inf"))
-    owner_N[~keep_EN.any(0)] = -1
-    full_E = (kept.values > float("-inf")).all(1)
-    prices_E[full_E] = kept.values[full_E, -1]
+    bid_N[free] = values_NE[free, best_F] - top_F2.values[:, 1] + eps
+    # rank of every row among its column's holders by bid (highest first): sort by bid, then
+    # stably by column
+    by_bid = torch.argsort(bid_N, descending=True, stable=True)
+    order = by_bid[torch.argsort(owner_N[by_bid], stable=True)]
+    counts_E = torch.bincount(owner_N, minlength=n_cols)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_N = torch.empty_like(owner_N)
+    rank_N[order] = torch.arange(len(order)) - starts_E[owner_N[order]]
+    owner_N[rank_N >= cap] = -1
+    full_E = counts_E >= cap
+    prices_E[full_E] = bid_N[order[starts_E[full_E] + cap - 1]]
 
 
 def balanced_assignment(

@@ -55,8 +55,9 @@ def top2_gating(
 
     `stochastic=False` makes the "sampling" and "random" policies pick the second expert as "all"
     does (no Gumbel noise, always kept), for deterministic evaluation.
-    Returns idx [T, 2], gates [T, 2] (0 for a dropped or unselected slot), the softmax probs [T, E],
-    the selection count per expert before dropping [E], and the number of dropped assignments.
+    Returns idx [T, 2] ([T, 1] when E = 1), gates [T, 2] (0 for a dropped or unselected slot),
+    the softmax probs [T, E], the selection count per expert before dropping [E], and the number
+    of dropped assignments.
     """
     n_experts = logits_TE.shape[-1]
     # at least fp32 for the softmax (fairseq's fp32 gate), without demoting float64
@@ -94,6 +95,9 @@ def top2_gating(
     dropped = counts_E.sum() - keep1_T.sum() - keep2_T.sum()
     idx_TK = torch.stack([e1_T, e2_T], dim=1)
     gates_TK = torch.stack([g1_T, g2_T], dim=1)
+    if n_experts == 1:
+        # no second expert exists: one slot (the expert kernels take K <= E only)
+        idx_TK, gates_TK = idx_TK[:, :1], gates_TK[:, :1]
     return idx_TK, gates_TK, probs_TE, counts_E, dropped
 
 
