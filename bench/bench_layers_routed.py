@@ -1,5 +1,6 @@
-"""Forward+backward time of GShard, BASE, HASH, tMoE and sMoE on the CPU against their dense
-baselines, and the time of ExpertParallel's token exchange (all_to_all) between 2 gloo ranks.
+"""Forward+backward time of GShard, BASE, HASH, tMoE and sMoE on the CPU (2 threads; and on the
+GPU when there is one) against their dense baselines, and the time of ExpertParallel's token
+exchange (all_to_all) between 2 gloo ranks on the CPU.
 
 The routed FFN layers are compared with the parameter-equal DenseFFN (d_ff = E * G; the gate's
 E * d_model extra parameters are not matched); sMoE, a token-mixing unit, with the dense causal
@@ -33,14 +34,14 @@ def fwd_bwd(layer, x, **kwargs):
     return step
 
 
-def layer_rows(quick: bool) -> list[dict]:
+def layer_rows(quick: bool, device: str) -> list[dict]:
     batch, seq, d_model, n_experts, expert_size = (
         (4, 64, 128, 8, 64) if quick else (8, 256, 256, 16, 128)
     )
     repeats = 5 if quick else 15
     torch.manual_seed(0)
-    x = torch.randn(batch, seq, d_model, requires_grad=True)
-    ids = torch.randint(VOCAB, (batch, seq))
+    x = torch.randn(batch, seq, d_model, device=device, requires_grad=True)
+    ids = torch.randint(VOCAB, (batch, seq), device=device)
     routed = {
         "GShardMoE": (GShardMoE(d_model, n_experts, expert_size), {}),
         "BaseLayer": (BaseLayer(d_model, n_experts, expert_size), {}),
@@ -50,12 +51,14 @@ def layer_rows(quick: bool) -> list[dict]:
     dense = DenseFFN(d_model, n_experts * expert_size)
     smoe = SMoE(d_model, n_experts, seq)
     sgu = CausalSGU(2 * d_model, seq)
-    x_sgu = torch.randn(batch, seq, 2 * d_model, requires_grad=True)
-    fns = {name: fwd_bwd(layer.train(), x, **kw) for name, (layer, kw) in routed.items()}
-    fns["DenseFFN"] = fwd_bwd(dense.train(), x)
-    fns["SMoE"] = fwd_bwd(smoe.train(), x)
-    fns["CausalSGU"] = fwd_bwd(sgu.train(), x_sgu)
-    times = time_interleaved(fns, repeats)
+    x_sgu = torch.randn(batch, seq, 2 * d_model, device=device, requires_grad=True)
+    for module in [*(m for m, _ in routed.values()), dense, smoe, sgu]:
+        module.to(device).train()
+    fns = {name: fwd_bwd(layer, x, **kw) for name, (layer, kw) in routed.items()}
+    fns["DenseFFN"] = fwd_bwd(dense, x)
+    fns["SMoE"] = fwd_bwd(smoe, x)
+    fns["CausalSGU"] = fwd_bwd(sgu, x_sgu)
+    times = time_interleaved(fns, repeats, device=device)
     shape = f"B{batch} T{seq} D{d_model} E{n_experts} G{expert_size}"
     rows = []
     for name, module in [*((n, m) for n, (m, _) in routed.items()), ("SMoE", smoe)]:
@@ -73,7 +76,7 @@ def layer_rows(quick: bool) -> list[dict]:
                 "vs_baseline": times[name]["median_ms"] / times[baseline]["median_ms"],
                 "params": n_params(module),
                 "baseline_params": n_params(base_module),
-                "device": "cpu",
+                "device": device,
             }
         )
     return rows
@@ -153,7 +156,10 @@ def all_to_all_rows(quick: bool) -> list[dict]:
 
 def run(quick: bool) -> list[dict]:
     torch.set_num_threads(2)
-    return layer_rows(quick) + all_to_all_rows(quick)
+    rows = layer_rows(quick, "cpu")
+    if torch.cuda.is_available():
+        rows += layer_rows(quick, "cuda")
+    return rows + all_to_all_rows(quick)
 
 
 def main(argv: list[str]) -> None:
