@@ -65,7 +65,7 @@ def measure(device: str, n_tokens: int, repeats: int, impls: tuple[str, ...]) ->
     x = torch.randn(n_tokens, D_MODEL, device=device, requires_grad=True)
     grad = torch.randn(n_tokens, D_MODEL, device=device)
     fns = {n: fwd_bwd(m, x, grad) for n, (_, m) in named.items()}
-    times = time_interleaved(fns, repeats=repeats, device=device)
+    times = time_interleaved(fns, repeats=repeats, warmup=1, device=device)
     peaks = {n: peak_memory_mb(fn, device=device) for n, fn in fns.items()}
     dense_ms = times["dense"]["median_ms"]
     dense_params = sum(p.numel() for p in named["dense"][1].parameters())
