@@ -242,7 +242,7 @@ def _artetxe_e16():
 
 
 # Tiny presets: char-level (256) vocabulary, quick on a CPU. MoE d_ff is the dense twin's.
-_TINY = dict(vocab=256, d=128, layers=4, heads=4, d_ff=516, seq_len=64, dropout=0.1)
+_TINY = dict(vocab=256, d=128, layers=4, heads=4, d_ff=513, seq_len=64, dropout=0.1)
 
 
 @_preset("tiny-sigma-moe")

@@ -1,7 +1,7 @@
 """Parameter counts (total and active per token), forward FLOPs per token, and dense twins.
 
-Counts are exact: the model is built on the meta device (no memory, so the 15B-parameter presets
-count too) and its parameters summed. "Active" parameters are those a single token's output
+Counts are exact and need no memory for the model (so the 15B-parameter presets count too): see
+`_total`. "Active" parameters are those a single token's output
 depends on: all non-FFN parameters, and per FFN the router plus the experts a token is sent to
 (K for σ-MoE / S-BASE, 1 for Switch / BASE / HASH, 2 for GShard), for PKM the keys plus the
 selected value rows, for Top-K W1 plus the K selected rows of W2.
@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moe_models.config import FFNConfig, ModelConfig
 from moe_models.ffn import build_ffn
@@ -25,13 +26,77 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class _SkipInPlace(TorchFunctionMode):
+    """Makes in-place ops (the nn.init functions, fill_, mul_, ...) on meta tensors no-ops: they
+    have no values to change, and torch's meta versions of the random ones import torch._dynamo,
+    which takes many seconds."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            # nn.init passes the tensor by keyword, Tensor methods positionally
+            first = args[0] if args else kwargs.get("tensor")
+            if isinstance(first, torch.Tensor) and first.is_meta:
+                return first
+        return func(*args, **kwargs)
+
+
 def _on_meta(fn):
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInPlace():
         return fn()
 
 
+def _smallest_valid_experts(f: FFNConfig) -> int:
+    return max(2, f.k) if f.type in ("sigma_moe", "sbase") else 2
+
+
 def _ffn_total(cfg: ModelConfig, layer: int) -> int:
-    return _on_meta(lambda: _n_params(build_ffn(cfg, layer)))
+    """Parameters of layer `layer`'s FFN, built on the CPU. A routed layer's count is linear in
+    its expert count, so it is built with two small expert counts and extrapolated: the layers'
+    initialisers use ops (norms, QR) whose meta versions are slow, and 512 real experts too big."""
+    f = cfg.layer_ffn_config(layer)
+    key = (repr(f), cfg.d_model, cfg.n_layers, cfg.vocab_size)
+    if key not in _FFN_TOTALS:
+        _FFN_TOTALS[key] = _count_ffn(cfg, layer, f)
+    return _FFN_TOTALS[key]
+
+
+_FFN_TOTALS: dict[tuple, int] = {}
+
+
+def _count_ffn(cfg: ModelConfig, layer: int, f: FFNConfig) -> int:
+    def count(ffn: FFNConfig) -> int:
+        with torch.device("cpu"):
+            return _n_params(build_ffn(dataclasses.replace(cfg, layer_ffn={layer: ffn}), layer))
+
+    if f.n_experts and f.type not in ("dense", "topk", "pkm"):
+        e1 = _smallest_valid_experts(f)
+        if f.n_experts > e1 + 1:
+            p1 = count(dataclasses.replace(f, n_experts=e1))
+            p2 = count(dataclasses.replace(f, n_experts=e1 + 1))
+            return p1 + (f.n_experts - e1) * (p2 - p1)
+    return count(f)
+
+
+def _skeleton(cfg: ModelConfig) -> tuple[ModelConfig, list[int]]:
+    """`cfg` with a one-unit dense FFN in place of every non-dense FFN, and those layers."""
+    swapped = [i for i in range(cfg.n_layers) if cfg.layer_ffn_config(i).type != "dense"]
+    stand_in = FFNConfig(type="dense", d_ff=1)
+    layer_ffn = {**cfg.layer_ffn, **dict.fromkeys(swapped, stand_in)}
+    return dataclasses.replace(cfg, layer_ffn=layer_ffn), swapped
+
+
+def _total(cfg: ModelConfig) -> int:
+    """All parameters: the model built on the meta device with a one-unit dense FFN in place of
+    each other FFN, plus those FFNs counted by `_ffn_total`."""
+    from moe_models.api import build
+
+    skeleton, swapped = _skeleton(cfg)
+    total = _on_meta(lambda: _n_params(build(skeleton)))
+    if swapped:
+        total -= len(swapped) * _on_meta(lambda: _n_params(build_ffn(skeleton, swapped[0])))
+    return total + sum(_ffn_total(cfg, i) for i in swapped)
 
 
 def _ffn_active(f: FFNConfig, d_model: int, total: int) -> int:
@@ -58,13 +123,8 @@ def _as_config(model_or_config) -> ModelConfig:
 
 def count_parameters(model_or_config) -> dict[str, int]:
     """{"total": every parameter, "active": parameters used per token} (tied ones counted once)."""
-    from moe_models.api import build
-
     cfg = _as_config(model_or_config)
-    if isinstance(model_or_config, nn.Module):
-        total = _n_params(model_or_config)
-    else:
-        total = _on_meta(lambda: _n_params(build(cfg)))
+    total = _n_params(model_or_config) if isinstance(model_or_config, nn.Module) else _total(cfg)
     active = total
     for i in range(cfg.n_layers):
         f = cfg.layer_ffn_config(i)
@@ -82,7 +142,7 @@ def _spatial_params(cfg: ModelConfig) -> int:
     def count():
         return sum(
             p.numel()
-            for name, p in build(cfg).named_parameters()
+            for name, p in build(_skeleton(cfg)[0]).named_parameters()
             if ".sgu.weight" in name or ".sgu.bias" in name or ".smoe." in name
         )
 
