@@ -7,6 +7,7 @@ fp64 reference is at most twice the reference path's own error in the same dtype
 absolute floor scaled by the dtype's epsilon and the magnitude of the values.
 """
 
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -17,6 +18,10 @@ from hypothesis import strategies as st
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TRITON_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The interpreter runs kernels on CPU tensors; the `gpu` session runs the same tests on CUDA.
+TRITON_DEVICE = (
+    "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ def kt() -> SimpleNamespace:
     return SimpleNamespace(
         Case=Case,
         TRITON_DTYPES=TRITON_DTYPES,
+        TRITON_DEVICE=TRITON_DEVICE,
         cases=cases,
         make_inputs=make_inputs,
         check_matmul_case=check_matmul_case,

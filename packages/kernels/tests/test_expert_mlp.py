@@ -17,7 +17,7 @@ def test_torch_backend_matches_reference(data, kt):
 @given(data=st.data())
 def test_triton_kernels_match_reference(data, kt):
     case = data.draw(kt.cases(max_T=12, max_d=20, max_E=5, dtypes=kt.TRITON_DTYPES))
-    kt.check_mlp_case(case, "triton")
+    kt.check_mlp_case(case, "triton", device=kt.TRITON_DEVICE)
 
 
 @pytest.mark.gpu
