@@ -133,7 +133,8 @@ class GShardMoE(RoutedExperts):
     dropout: dropout on the expert hidden activations in training.
     activation, n_layers (init scale), impl: as for SigmaMoE.
 
-    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model]; no biases.
+    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model]; no biases. Each expert
+    is initialised as a dense FFN of width G (`init_ffn_experts`), the gate ~ N(0, 1/d_model).
     Accepts and ignores `token_ids`, so that a model may call every FFN alike.
     """
 
