@@ -80,7 +80,7 @@ def balanced_assignment(
                 raise RuntimeError(f"balanced_assignment did not converge in {max_rounds} rounds")
         if step <= final_eps:
             return owner_N[:n_tokens].to(scores_TE.device)
-        step = max(step / 8, final_eps)
+        step = max(step / 32, final_eps)
 
 
 ROUTINGS = ("balanced", "greedy")
