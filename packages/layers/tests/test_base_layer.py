@@ -135,3 +135,13 @@ def test_bad_sizes():
         BaseLayer(4, 0, 2)
     with pytest.raises(ValueError, match="d_model"):
         BaseLayer(4, 3, 2)(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(training):
+    layer = BaseLayer(4, 3, 2).train(training)
+    x = torch.randn(0, 4, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert layer.routing_stats.n_tokens == 0

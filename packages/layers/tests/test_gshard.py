@@ -204,3 +204,13 @@ def test_bad_configuration(kwargs, match):
 def test_bad_input_width():
     with pytest.raises(ValueError, match="d_model"):
         GShardMoE(4, 3, 2)(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(training):
+    layer = GShardMoE(4, 3, 2).train(training)
+    x = torch.randn(2, 0, 4, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert layer.routing_stats.n_tokens == 0 and layer.routing_stats.expert_counts.sum() == 0
