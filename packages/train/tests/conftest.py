@@ -30,6 +30,12 @@ TINY_TRAIN = [
 
 
 class CLI:
+    """Calls `moe-train` in-process; also carries the helpers the tests share (importlib mode
+    does not let test modules import this file)."""
+
+    TINY_MODEL = TINY_MODEL
+    TINY_TRAIN = TINY_TRAIN
+
     def __init__(self, capsys):
         self.capsys = capsys
 
@@ -42,25 +48,26 @@ class CLI:
     def train(self, out: Path, *extra: str, preset: str = "tiny-sigma-moe") -> tuple[int, str, str]:
         return self("train", "--preset", preset, "--out", out, *TINY_TRAIN, *TINY_MODEL, *extra)
 
+    @staticmethod
+    def metrics(run_dir: Path) -> list[dict]:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    @classmethod
+    def losses(cls, run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["train_loss"] for r in cls.metrics(run_dir) if "train_loss" in r}
+
+    @staticmethod
+    def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+        assert rc != 0
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith("error: "), err
+        assert "Traceback" not in err
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+
 
 @pytest.fixture
 def cli(capsys):
     return CLI(capsys)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r}
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])

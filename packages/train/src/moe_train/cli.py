@@ -98,7 +98,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-interval", type=int, help="= train.log_interval")
 
 
-def build_parser() -> Parser:
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
+    """The top-level parser (for --help) and one parser per subcommand."""
     parser = Parser(prog="moe-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -163,7 +164,7 @@ def build_parser() -> Parser:
     i.add_argument("--config", help="JSON or TOML run config file")
     i.add_argument("--list", action="store_true", help="list the presets")
     i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    return parser
+    return parser, dict(sub.choices)
 
 
 def _resume_config(args, out_dir: Path) -> RunConfig:
@@ -279,6 +280,7 @@ def cmd_eval(args) -> int:
                 batch_size=args.batch_size,
                 seq_len=seq_len,
                 env=env,
+                max_batches=args.max_batches,
             )
         except ValueError as e:
             raise CLIError(f"{split} split: {e}") from None
@@ -353,10 +355,11 @@ def cmd_finetune(args) -> int:
     }
     if args.out:
         out = Path(args.out)
+        step = int(payload["step"]) + args.max_steps
+        # a model checkpoint without training state: eval/prime read it, --resume refuses it
+        kept = {k: payload[k] for k in ("run_config", "arch", "level") if k in payload}
         ckpt.CheckpointManager(out / "checkpoints", keep_last=1).save(
-            {k: v for k, v in payload.items() if k not in ("path", "format", "version")}
-            | {"model": model.state_dict(), "finetune": result},
-            step=int(payload["step"]) + args.max_steps,
+            {**kept, "model": model.state_dict(), "step": step, "finetune": result}, step=step
         )
         (out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
@@ -389,7 +392,14 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        top, commands = build_parser()
+        if not argv or argv[0] not in commands:
+            top.parse_args(argv)
+            raise CLIError(f"unknown command {argv[0]!r}; expected one of {', '.join(commands)}")
+        # intermixed: KEY=VALUE overrides may come before, between or after the flags
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
         return COMMANDS[args.command](args)
     except CLIError as e:
         if os.environ.get("MOE_TRAIN_DEBUG"):

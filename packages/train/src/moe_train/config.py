@@ -217,10 +217,16 @@ def model_config(preset: str, overrides: dict[str, Any]) -> Any:
     except ValueError as e:
         raise CLIError(str(e)) from None
     current = moe_models.config_to_dict(base)
+    # FFN options may be given bare (n_experts=8) or as ffn.n_experts; both read as the FFN field
+    ffn_fields = current.get("ffn", {})
     typed = {}
     for key, value in overrides.items():
-        if isinstance(value, str) and key in current and not isinstance(current[key], str):
-            value = parse_value(value, current[key], key)
+        if key in current:
+            like = current[key]
+        else:
+            like = ffn_fields.get(key.removeprefix("ffn."), "")
+        if isinstance(value, str) and not isinstance(like, str):
+            value = parse_value(value, like, key)
         typed[key] = value
     try:
         return moe_models.get_config(preset, **typed)

@@ -142,5 +142,5 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.lm_loss))
+        losses.append(float(out.lm_loss.detach()))
     return losses

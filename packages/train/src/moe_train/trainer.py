@@ -36,6 +36,18 @@ from moe_train.metrics import MetricsLogger, RoutingAccumulator, level_metrics, 
 from moe_train.schedule import make_scheduler
 
 
+RESUME_KEYS = (
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "best_valid",
+    "window",
+    "world_size",
+    "data",
+    "rng",
+)
+
+
 @dataclass
 class TrainOptions:
     out_dir: Path | None = None
@@ -217,6 +229,12 @@ class Trainer:
         tmp.replace(path)
 
     def _restore(self, payload: dict) -> None:
+        missing = [k for k in RESUME_KEYS if k not in payload]
+        if missing:
+            raise CLIError(
+                f"checkpoint {payload['path']} holds no training state ({', '.join(missing)}); "
+                "it can be evaluated but not resumed"
+            )
         load_model_state(self.model, payload)
         try:
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -305,6 +323,7 @@ class Trainer:
         if train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -370,7 +389,7 @@ class Trainer:
                         **level_metrics("train", self.window["loss"] / n, self.level),
                     }
                     record["aux_loss"] = self.window["aux"] / n
-                    record["lr"] = self.scheduler.get_last_lr()[0]
+                    record["lr"] = self.last_lr
                     record["tokens_per_s"] = n * tokens_per_step / max(elapsed, 1e-9)
                     bar.set_postfix(
                         loss=f"{record['train_loss']:.3f}",
