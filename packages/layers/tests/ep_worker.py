@@ -16,7 +16,10 @@ from moe_layers import (
     SigmaMoE,
     TMoE,
     collect_aux_losses,
+    expert_parameter_names,
 )
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 D_MODEL = 5
 VOCAB = 11
@@ -88,6 +91,32 @@ def check_matches_single_process(name, make, training, sizes, rank, world, avera
         torch.testing.assert_close(got, expected, msg=lambda m, n=pname: f"{msg}: grad {n}: {m}")
 
 
+def check_ddp_composition(rank, world):
+    """DDP averages the gate's gradient and leaves the expert shards alone; with
+    average_expert_grads the experts' gradients are averaged alike: all equal the single-process
+    gradient of the mean of the ranks' losses."""
+    torch.manual_seed(0)
+    full = GShardMoE(D_MODEL, 4, 3, second_policy="all").double().train()
+    model = nn.Sequential(ExpertParallel(copy.deepcopy(full), average_expert_grads=True))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, expert_parameter_names(model)
+    )
+    ddp = DistributedDataParallel(model)
+    total = 0
+    for r in range(world):
+        x, ids, cot = rank_inputs(r, 4 + r)
+        total = total + loss_of(full, x, ids, cot)[1] / world
+    total.backward()
+    x, ids, cot = rank_inputs(rank, 4 + rank)
+    y = ddp(x)
+    ((y * cot).sum() + sum(collect_aux_losses(model).values())).backward()
+    ep = model[0]
+    lo, hi = rank * ep.n_local, (rank + 1) * ep.n_local
+    torch.testing.assert_close(ep.layer.gate.grad, full.gate.grad)
+    torch.testing.assert_close(ep.layer.w1.grad, full.w1.grad[lo:hi])
+    torch.testing.assert_close(ep.layer.w2.grad, full.w2.grad[lo:hi])
+
+
 def check_state_dict_round_trip(rank, world):
     torch.manual_seed(0)
     full = GShardMoE(D_MODEL, 4, 3, second_policy="all").double().eval()
@@ -131,6 +160,7 @@ def run_checks(rank: int, world: int, port: int) -> None:
             check_matches_single_process(name, make, training, sizes, rank, world, average=False)
         name, make, training, sizes = cases()[0]
         check_matches_single_process(name, make, training, sizes, rank, world, average=True)
+        check_ddp_composition(rank, world)
         check_state_dict_round_trip(rank, world)
         check_indivisible_expert_count()
     finally:

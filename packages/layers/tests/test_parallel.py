@@ -19,7 +19,8 @@ def free_port() -> int:
 def test_two_gloo_ranks_match_the_single_process_layer(monkeypatch):
     """Outputs and gradients (inputs, gate, each rank's expert shard) of GShard, BASE, HASH,
     σ-MoE and tMoE sharded over 2 CPU processes equal the unsharded layer's; the state dict
-    round-trips between sharded and whole. The checks run in tests/ep_worker.py."""
+    round-trips between sharded and whole; composed with DDP, gradients are the averaged ones.
+    The checks run in tests/ep_worker.py."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     import ep_worker
 
