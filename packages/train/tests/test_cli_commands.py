@@ -7,7 +7,6 @@ import moe_data
 import moe_models
 import pytest
 import torch
-
 from moe_train import checkpoint as ckpt
 from moe_train.priming import IGNORE, choice_scores, sequence
 

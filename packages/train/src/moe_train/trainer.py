@@ -35,7 +35,6 @@ from moe_train.evaluate import autocast, evaluate
 from moe_train.metrics import MetricsLogger, RoutingAccumulator, level_metrics, uses_bpc
 from moe_train.schedule import make_scheduler
 
-
 RESUME_KEYS = (
     "optimizer",
     "scheduler",
