@@ -73,6 +73,7 @@ def layer_rows(quick: bool, device: str) -> list[dict]:
                 "max_ms": times[name]["max_ms"],
                 "baseline": baseline,
                 "baseline_ms": times[baseline]["median_ms"],
+                "baseline_min_ms": times[baseline]["min_ms"],
                 "vs_baseline": times[name]["median_ms"] / times[baseline]["median_ms"],
                 "params": n_params(module),
                 "baseline_params": n_params(base_module),
