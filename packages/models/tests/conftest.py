@@ -5,6 +5,10 @@ import pytest
 import torch
 from moe_models import FFNConfig, ModelConfig
 
+# the models here are tiny: a second thread only adds synchronisation, which costs 10x on a
+# shared, busy machine
+torch.set_num_threads(1)
+
 # small sizes for each FFN type; GShard's eval capacity is large enough that nothing is dropped
 FFN_OPTIONS = {
     "dense": dict(d_ff=64),
