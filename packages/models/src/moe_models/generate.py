@@ -69,22 +69,23 @@ def _xl_steps(model, prompt, n, pick):
         out = model(segment, mems=mems)
         mems = out.mems
     tokens = [prompt]
-    logits_BV = out.logits[:, -1]
-    for _ in range(n):
-        nxt_B1 = pick(logits_BV)[:, None]
+    for step in range(n):
+        nxt_B1 = pick(out.logits[:, -1])[:, None]
         tokens.append(nxt_B1)
-        out = model(nxt_B1, mems=mems)
-        mems, logits_BV = out.mems, out.logits[:, -1]
+        if step + 1 < n:
+            out = model(nxt_B1, mems=mems)
+            mems = out.mems
     return torch.cat(tokens, dim=1)
 
 
 def _decoder_steps(model, prompt, n, pick):
     out = model(prompt, use_cache=True)
     tokens = [prompt]
-    for _ in range(n):
+    for step in range(n):
         nxt_B1 = pick(out.logits[:, -1])[:, None]
         tokens.append(nxt_B1)
-        out = model(nxt_B1, past_kv=out.past_kv, use_cache=True)
+        if step + 1 < n:
+            out = model(nxt_B1, past_kv=out.past_kv, use_cache=True)
     return torch.cat(tokens, dim=1)
 
 
