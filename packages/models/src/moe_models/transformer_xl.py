@@ -71,6 +71,31 @@ class RelativeAttention(nn.Module):
         return self.out(att_BHLd.transpose(1, 2).reshape(B, L, H * Dh))
 
 
+def reference_relative_attention(
+    attn: RelativeAttention, x_BLD: Tensor, mem_BMD: Tensor | None
+) -> Tensor:
+    """Readable reference of RelativeAttention.forward: the positional term is computed from the
+    embedding of each (query, key) pair's distance directly, without the gather by distance, and
+    attention is an explicit masked softmax. Without dropout."""
+    B, L, _ = x_BLD.shape
+    ctx_BKD = x_BLD if mem_BMD is None else torch.cat([mem_BMD, x_BLD], dim=1)
+    K, M = ctx_BKD.shape[1], ctx_BKD.shape[1] - L
+    H, Dh = attn.n_heads, attn.d_head
+    q_BLHd = attn.q(x_BLD).view(B, L, H, Dh)
+    k_BKHd = attn.k(ctx_BKD).view(B, K, H, Dh)
+    v_BKHd = attn.v(ctx_BKD).view(B, K, H, Dh)
+    query_pos_L = M + torch.arange(L)
+    dist_LK = query_pos_L[:, None] - torch.arange(K)[None, :]
+    r_LKD = sinusoid_table(dist_LK.clamp(min=0).flatten(), ctx_BKD.shape[-1]).view(L, K, -1)
+    r_LKHd = attn.r(r_LKD.to(x_BLD.dtype)).view(L, K, H, Dh)
+    content_BHLK = torch.einsum("blhd,bkhd->bhlk", q_BLHd + attn.content_bias, k_BKHd)
+    position_BHLK = torch.einsum("blhd,lkhd->bhlk", q_BLHd + attn.position_bias, r_LKHd)
+    scores_BHLK = (content_BHLK + position_BHLK) * Dh**-0.5
+    scores_BHLK = scores_BHLK.masked_fill(dist_LK < 0, float("-inf"))
+    att_BLHd = torch.einsum("bhlk,bkhd->blhd", scores_BHLK.softmax(-1), v_BKHd)
+    return attn.out(att_BLHd.reshape(B, L, H * Dh))
+
+
 class XLLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
