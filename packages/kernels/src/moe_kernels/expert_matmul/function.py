@@ -39,7 +39,10 @@ def _row_dot(a_NO: torch.Tensor, b_NO: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertMatmulFunction(torch.autograd.Function):
-    """x [T, I] or [T, K, I], w [E, I, O], idx [T, K], gates [T, K] or None -> [T, K, O] or [T, O]."""
+    """x [T, I] or [T, K, I], w [E, I, O], idx [T, K], gates [T, K] or None -> [T, K, O] or [T, O].
+
+    The gate gradient <dy, x @ w> is taken as <dy @ w^T, x>, so the outputs are never saved.
+    """
 
     @staticmethod
     def forward(ctx, x, w_EIO, idx_TK, gates_TK, backend):
@@ -58,35 +61,36 @@ class ExpertMatmulFunction(torch.autograd.Function):
             gs_N = gates_TK.reshape(-1)[r.order_N]
             out = be.sum_slots(ys_NO * gs_N[:, None])
         ctx.be, ctx.x_shape = be, x.shape
-        ctx.save_for_backward(
-            xs.data, xs.index, w_EIO, gs_N, ys_NO if gates_TK is not None else None
-        )
+        ctx.save_for_backward(xs.data, xs.index, w_EIO, gs_N)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         be = ctx.be
         r = be.routing
-        xs_data, xs_index, w_EIO, gs_N, ys_NO = ctx.saved_tensors
+        xs_data, xs_index, w_EIO, gs_N = ctx.saved_tensors
         xs = Rows(xs_data, xs_index)
         T, K = ctx.x_shape[0], be.n_slots
-        N = T * K
-        dgates = None
+        need_x, need_w, _, need_gates, _ = ctx.needs_input_grad
         if gs_N is None:
-            dys = be.take(grad_out.reshape(N, w_EIO.shape[2]), r.order_N)
+            dys = be.take(grad_out.reshape(T * K, w_EIO.shape[2]), r.order_N)
         else:
-            dys_unweighted = be.take(grad_out, be.token_N).materialize()
-            if ctx.needs_input_grad[3]:
-                dgates = unsort(_row_dot(dys_unweighted, ys_NO), r).view(T, K).to(gs_N.dtype)
-            dys = be.take(dys_unweighted * gs_N[:, None], None)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
+            dys = be.take(grad_out, be.token_N)  # not yet weighted by the gates
+        dx = dw = dgates = None
+        if need_x or need_gates:
             dxs_NI = be.mm(dys, w_EIO, transpose=True)
-            if len(ctx.x_shape) == 2:
+            if gs_N is not None:
+                if need_gates:
+                    dgates = unsort(_row_dot(dxs_NI, xs.materialize()), r)
+                    dgates = dgates.view(T, K).to(gs_N.dtype)
+                dxs_NI = dxs_NI * gs_N[:, None]
+            if need_x and len(ctx.x_shape) == 2:
                 dx = be.sum_slots(dxs_NI)
-            else:
+            elif need_x:
                 dx = unsort(dxs_NI, r).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if need_w:
+            if gs_N is not None:
+                xs = be.take(xs.materialize() * gs_N[:, None], None)
             dw = be.mm_dw(xs, dys)
         return dx, dw, None, dgates, None
 
