@@ -5,6 +5,7 @@ gloo on the CPU, nccl on CUDA. Without those variables everything runs as a sing
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -91,6 +92,9 @@ def gather_to_all(obj, env: DistEnv) -> list:
     """Every rank's `obj` (picklable, CPU tensors), in rank order, on every rank."""
     if not env.distributed:
         return [obj]
+    # tensors travel as torch.save bytes: all_gather_object cannot unpickle tensors on every backend
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
