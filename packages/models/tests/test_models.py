@@ -135,3 +135,12 @@ def test_smlp_window_is_a_clear_error(small):
     model = small("smlp", "dense")
     with pytest.raises(ValueError, match="seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_mismatched_xl_memory_is_a_clear_error(small):
+    model = small("transformer_xl", "dense")
+    mems = model(torch.zeros(2, 4, dtype=torch.long)).mems
+    with pytest.raises(ValueError, match=r"mems must be \[B=3"):
+        model(torch.zeros(3, 4, dtype=torch.long), mems=mems)
+    with pytest.raises(ValueError, match="one tensor per layer"):
+        model(torch.zeros(2, 4, dtype=torch.long), mems=mems[:1])

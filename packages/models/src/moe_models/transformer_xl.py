@@ -136,10 +136,19 @@ class TransformerXL(LanguageModel):
         self, tokens: Tensor, targets: Tensor | None = None, *, mems: list[Tensor] | None = None
     ) -> ModelOutput:
         self.check_tokens(tokens, targets)
-        if mems is not None and len(mems) != len(self.layers):
-            raise ValueError(
-                f"mems must hold one tensor per layer ({len(self.layers)}), got {len(mems)}"
-            )
+        if mems is not None:
+            if len(mems) != len(self.layers):
+                raise ValueError(
+                    f"mems must hold one tensor per layer ({len(self.layers)}), got {len(mems)}"
+                )
+            if any(
+                m.shape[0] != tokens.shape[0] or m.shape[-1] != self.config.d_model for m in mems
+            ):
+                raise ValueError(
+                    f"mems must be [B={tokens.shape[0]}, M, d_model={self.config.d_model}] tensors "
+                    f"(the .mems of the previous segment of the same batch), got "
+                    f"{tuple(mems[0].shape)}"
+                )
         mem_len = self.config.memory_length
         x_BLD = self.dropout(self.embedding(tokens))
         new_mems = []
