@@ -144,3 +144,23 @@ def test_mismatched_xl_memory_is_a_clear_error(small):
         model(torch.zeros(3, 4, dtype=torch.long), mems=mems)
     with pytest.raises(ValueError, match="one tensor per layer"):
         model(torch.zeros(2, 4, dtype=torch.long), mems=mems[:1])
+
+
+@given(length=st.integers(5, 16), seed=st.integers(0, 2**16), data=st.data())
+def test_smlp_learned_routing_masks_the_prefix_and_is_causal_after_it(small, length, seed, data):
+    """Learned sMoE routing reads a prefix of P = ceil(0.2 * 16) = 4 positions: the loss skips
+    those targets, and positions from P on never see later tokens."""
+    model = small("smlp", "dense", seed, smlp_routing="learned").eval()
+    assert model.prefix_len == 4
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 37, (2, length), generator=g)
+    targets = torch.randint(0, 37, (2, length), generator=g)
+    out = model(tokens, targets)
+    expected = F.cross_entropy(out.logits[:, 4:].reshape(-1, 37), targets[:, 4:].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, expected)
+    pos = data.draw(st.integers(4, length - 1), label="changed position")
+    changed = tokens.clone()
+    changed[:, pos] = (changed[:, pos] + 1) % 37
+    with torch.no_grad():
+        a, b = model(tokens).logits, model(changed).logits
+    torch.testing.assert_close(a[:, 4:pos], b[:, 4:pos])

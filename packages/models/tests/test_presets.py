@@ -116,6 +116,8 @@ def test_bad_smlp_configs_are_clear_errors():
         moe_models.get_config("tiny-smlp", smlp_d_ff=31)
     with pytest.raises(ValueError, match="unknown smlp_routing"):
         moe_models.get_config("tiny-smlp", smlp_routing="magic")
+    with pytest.raises(ValueError, match=r"layer_ffn names sMLP blocks \[0\]"):
+        moe_models.get_config("tiny-smlp", layer_ffn={0: {"type": "dense", "d_ff": 8}})
 
 
 def test_config_from_dict_rejects_unknown_keys():

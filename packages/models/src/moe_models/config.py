@@ -190,6 +190,14 @@ def validate(cfg: ModelConfig) -> ModelConfig:
             raise ValueError(
                 f"d_model={cfg.d_model} must split into smlp_n_chunks={cfg.smlp_n_chunks} equal chunks"
             )
+        dense_blocks = [
+            i for i in cfg.layer_ffn if not (cfg.moe_interval and (i + 1) % cfg.moe_interval == 0)
+        ]
+        if dense_blocks:
+            raise ValueError(
+                f"layer_ffn names sMLP blocks {dense_blocks}, which are gMLP blocks without an FFN "
+                f"(moe_interval={cfg.moe_interval} places the sparse blocks)"
+            )
         if not 0.0 < cfg.smlp_prefix_fraction < 1.0:
             raise ValueError(
                 f"smlp_prefix_fraction must be in (0, 1), got {cfg.smlp_prefix_fraction}"
