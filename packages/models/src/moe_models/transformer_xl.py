@@ -84,8 +84,8 @@ def reference_relative_attention(
     q_BLHd = attn.q(x_BLD).view(B, L, H, Dh)
     k_BKHd = attn.k(ctx_BKD).view(B, K, H, Dh)
     v_BKHd = attn.v(ctx_BKD).view(B, K, H, Dh)
-    query_pos_L = M + torch.arange(L)
-    dist_LK = query_pos_L[:, None] - torch.arange(K)[None, :]
+    query_pos_L = M + torch.arange(L, device=x_BLD.device)
+    dist_LK = query_pos_L[:, None] - torch.arange(K, device=x_BLD.device)[None, :]
     r_LKD = sinusoid_table(dist_LK.clamp(min=0).flatten(), ctx_BKD.shape[-1]).view(L, K, -1)
     r_LKHd = attn.r(r_LKD.to(x_BLD.dtype)).view(L, K, H, Dh)
     content_BHLK = torch.einsum("blhd,bkhd->bhlk", q_BLHd + attn.content_bias, k_BKHd)
@@ -128,9 +128,6 @@ class TransformerXL(LanguageModel):
         nn.init.zeros_(self.head.bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embedding.weight
-
-    def init_mems(self) -> None:
-        return None
 
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, *, mems: list[Tensor] | None = None
