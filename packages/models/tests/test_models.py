@@ -164,3 +164,17 @@ def test_smlp_learned_routing_masks_the_prefix_and_is_causal_after_it(small, len
     with torch.no_grad():
         a, b = model(tokens).logits, model(changed).logits
     torch.testing.assert_close(a[:, 4:pos], b[:, 4:pos])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_code_runs_under_bf16_autocast(small, arch):
+    """The model's own code (attention, memory, cache, gating) under mixed precision."""
+    model = small(arch, "dense", 0)
+    tokens = torch.randint(0, 37, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, tokens)
+        if arch == "transformer_xl":
+            out = model(tokens, tokens, mems=out.mems)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -175,8 +175,8 @@ def _mixing_flops(cfg: ModelConfig) -> int:
 def flops_per_token(model_or_config) -> int:
     """Forward FLOPs per token at the config's seq_len (2 per multiply-add): every active
     parameter matrix once, the output projection included and embedding look-ups excluded, plus
-    attention's (or the spatial gating's) token mixing. LayerNorm, softmax and biases' additions
-    are left out."""
+    attention's (or the spatial gating's) token mixing. Biases and LayerNorm parameters count
+    like matrix entries (a negligible overcount); softmax and activations are left out."""
     cfg = _as_config(model_or_config)
     active = count_parameters(cfg)["active"]
     lookups = cfg.vocab_size * cfg.d_model
