@@ -297,7 +297,7 @@ class Trainer:
                 payload, self.step, is_best=is_best
             )
 
-    def _train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float]:
         """One optimiser step over grad_accum micro-batches; returns (lm loss, aux loss) means."""
         train = self.cfg.train
         lm_sum = aux_sum = 0.0
@@ -373,7 +373,7 @@ class Trainer:
         window_start = time.perf_counter()
         with _StopFlag() as stop:
             while self.step < end:
-                lm, aux = self._train_step()
+                lm, aux = self.train_step()
                 self.step += 1
                 self.window["loss"] += lm
                 self.window["aux"] += aux
