@@ -42,13 +42,15 @@ class Case:
 
 
 @st.composite
-def cases(draw, max_T=40, max_d=24, max_E=8, dtypes=DTYPES):
+def cases(draw, max_T=40, max_d=24, max_E=8, dtypes=DTYPES, aligned=False):
+    """aligned: feature sizes multiples of 8, the sizes torch._grouped_mm accepts."""
     E = draw(st.integers(1, max_E))
+    step = 8 if aligned else 1
     K = draw(st.integers(1, E))
     return Case(
         T=draw(st.sampled_from([0, 1, draw(st.integers(2, max_T))])),
-        d_in=draw(st.integers(1, max_d)),
-        d_out=draw(st.integers(1, max_d)),
+        d_in=step * draw(st.integers(1, max_d // step)),
+        d_out=step * draw(st.integers(1, max_d // step)),
         E=E,
         K=K,
         n_used=draw(st.integers(K, E)),

@@ -7,14 +7,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 
+@pytest.mark.parametrize("backend", ["torch_grouped", "torch_padded"])
 @given(data=st.data())
-def test_torch_backend_matches_reference(data, kt):
-    kt.check_matmul_case(data.draw(kt.cases()), "torch")
+def test_torch_backends_match_reference(data, kt, backend):
+    kt.check_matmul_case(data.draw(kt.cases()), backend)
 
 
 @given(data=st.data())
 def test_auto_backend_on_cpu_matches_reference(data, kt):
     kt.check_matmul_case(data.draw(kt.cases(dtypes=[torch.float32])), "auto")
+
+
+@given(data=st.data())
+def test_grouped_mm_sizes_match_reference(data, kt):
+    """Sizes where the grouped layout takes torch._grouped_mm rather than its per-expert loop."""
+    kt.check_matmul_case(data.draw(kt.cases(aligned=True)), "torch_grouped")
 
 
 @pytest.mark.triton

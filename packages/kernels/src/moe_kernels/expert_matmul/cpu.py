@@ -2,36 +2,36 @@
 
 Rows arrive sorted by expert (expert e owns rows offsets[e]:offsets[e + 1]), so every expert's
 block is a contiguous slice and no Python loop ever runs over tokens. The products use
-`torch._grouped_mm` (one call for all experts; fp32/bf16/fp16 with 16-byte aligned rows) and
-otherwise a loop over experts on contiguous slices (any dtype, fp64 included). Measured on 2 CPU
-threads, _grouped_mm beats padded bmm (which pays for the padding rows and the padded gather) and
-matches or beats the loop; the loop remains the general fallback.
-The backend also runs on CUDA for the dtypes Triton does not take (fp64).
+`torch._grouped_mm` (fp32/bf16/fp16 with 16-byte aligned rows; on the CPU it loops over the
+groups itself) and otherwise a loop over experts on contiguous slices (any dtype, fp64 included).
+The padded layout (one bmm per product) is the alternative for many small experts; see
+`choose_torch_backend`. These backends also run on CUDA for fp64, which Triton does not take.
 """
 
 import torch
 
+from moe_kernels.expert_matmul.layout import SortedLayout
 from moe_kernels.expert_matmul.rows import Rows
 from moe_kernels.routing.naive import Routing
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _grouped_mm_applies(*mats: torch.Tensor) -> bool:
-    """_grouped_mm needs one unit stride and the other strides multiples of 16 bytes."""
+def _grouped_mm_applies(d_in: int, d_out: int, *mats: torch.Tensor) -> bool:
+    """_grouped_mm wants 16-byte aligned strides: d_in and d_out a multiple of 16 bytes, and each
+    operand with one unit stride among its last two dims."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     for m in mats:
         if m.dtype not in _GROUPED_DTYPES or m.numel() == 0 or 1 not in m.stride()[-2:]:
             return False
-        if any((s * m.element_size()) % 16 for s in m.stride() if s != 1):
-            return False
-    return True
+    size = mats[0].element_size()
+    return (d_in * size) % 16 == 0 and (d_out * size) % 16 == 0
 
 
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor) -> torch.Tensor:
     """out[n] = a[n] @ w[e] for every sorted row n of expert e; [N, O]. w may be a transposed view."""
-    if _grouped_mm_applies(a_NI, w_EIO):
+    if _grouped_mm_applies(w_EIO.shape[1], w_EIO.shape[2], a_NI, w_EIO):
         return torch._grouped_mm(a_NI, w_EIO, offsets_E1[1:].to(torch.int32))
     out_NO = a_NI.new_empty(a_NI.shape[0], w_EIO.shape[2])
     bounds = offsets_E1.tolist()
@@ -47,7 +47,7 @@ def grouped_mm_dw(
 ) -> torch.Tensor:
     """dw[e] = a[rows of e]^T @ dy[rows of e]; [E, I, O], zero for experts without rows."""
     a_IN = a_NI.t()
-    if _grouped_mm_applies(a_IN, dy_NO):
+    if _grouped_mm_applies(a_IN.shape[0], dy_NO.shape[1], a_IN, dy_NO):
         return torch._grouped_mm(a_IN, dy_NO, offsets_E1[1:].to(torch.int32))
     E = offsets_E1.numel() - 1
     dw_EIO = dy_NO.new_zeros(E, a_NI.shape[1], dy_NO.shape[1])
@@ -59,16 +59,12 @@ def grouped_mm_dw(
     return dw_EIO
 
 
-class TorchBackend:
-    """Gathers eagerly (once, so backward reuses the gathered rows) and scatters with index_add_."""
+class GroupedTorchBackend(SortedLayout):
+    """Compact expert-sorted rows and grouped matmuls. Gathers eagerly (once, so that backward
+    reuses the gathered rows); on the CPU sums the slots with index_add_ (deterministic there)."""
 
-    def __init__(self, routing: Routing, n_slots: int):
-        self.routing = routing
-        self.n_slots = n_slots
-        self.token_N = routing.order_N // n_slots
-
-    def take(self, data: torch.Tensor, index: torch.Tensor | None) -> Rows:
-        return Rows(Rows(data, index).materialize())
+    def take(self, data: torch.Tensor, index: torch.Tensor) -> Rows:
+        return Rows(data.index_select(0, index))
 
     def mm(self, a: Rows, w_EIO: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         w = w_EIO.transpose(1, 2) if transpose else w_EIO
@@ -77,21 +73,87 @@ class TorchBackend:
     def mm_dw(self, a: Rows, dy: Rows) -> torch.Tensor:
         return grouped_mm_dw(a.materialize(), dy.materialize(), self.routing.offsets_E1)
 
-    def sum_slots(self, rows_NO: torch.Tensor) -> torch.Tensor:
-        """out[t] = sum over k of the sorted row of (t, k); [T, O].
-
-        index_add_ is deterministic on the CPU; on CUDA it uses atomics, so there the rows are
-        permuted back to flat (token, slot) order and summed over the slots instead.
-        """
-        n_tokens = self.routing.order_N.numel() // self.n_slots
-        if rows_NO.is_cuda:
-            return (
-                unsort(rows_NO, self.routing).view(n_tokens, self.n_slots, rows_NO.shape[1]).sum(1)
-            )
-        out_TO = rows_NO.new_zeros(n_tokens, rows_NO.shape[1])
-        return out_TO.index_add_(0, self.token_N, rows_NO)
+    def sum_slots(self, rows_NX: torch.Tensor) -> torch.Tensor:
+        if rows_NX.is_cuda:
+            return super().sum_slots(rows_NX)
+        out_TX = rows_NX.new_zeros(self.n_tokens, rows_NX.shape[1])
+        return out_TX.index_add_(0, self.token_N, rows_NX)
 
 
-def unsort(rows_N: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Sorted rows back to flat (token, slot) order."""
-    return rows_N.index_select(0, routing.inverse_N)
+class PaddedTorchBackend:
+    """Padded expert-major rows: expert e owns rows e * C : e * C + count_e of E * C rows, C the
+    largest count, and the pad rows hold zeros, so each product is one bmm. Worth its padding
+    when the experts are many and small: one batched call replaces E small matmuls (each its own
+    parallel region, which costs most when the cores are shared)."""
+
+    def __init__(self, routing: Routing, n_slots: int):
+        self.routing = routing
+        self.n_slots = n_slots
+        N = routing.order_N.numel()
+        self.n_tokens = N // n_slots
+        counts_E = routing.counts_E
+        self.n_experts = E = counts_E.numel()
+        self.capacity = C = int(counts_E.max()) if N else 0
+        device = counts_E.device
+        expert_N = torch.repeat_interleave(torch.arange(E, device=device), counts_E, output_size=N)
+        rank_N = torch.arange(N, device=device) - routing.offsets_E1[expert_N]
+        padded_N = expert_N * C + rank_N  # padded row of the n-th sorted row
+        # flat (token, slot) index of each padded row; N marks a pad, so N // K = T does too
+        self.flat_R = torch.full((E * C,), N, dtype=torch.long, device=device)
+        self.flat_R[padded_N] = routing.order_N
+        self.token_R = self.flat_R // n_slots
+        self.padded_of_flat_N = padded_N.index_select(0, routing.inverse_N)
+
+    def take(self, data: torch.Tensor, index_R: torch.Tensor) -> Rows:
+        """Row r is data[index[r]], or zeros where index[r] == len(data) (a pad)."""
+        with_zero_row = torch.cat([data, data.new_zeros(1, *data.shape[1:])])
+        return Rows(with_zero_row.index_select(0, index_R))
+
+    def take_tokens(self, data_TX: torch.Tensor) -> Rows:
+        return self.take(data_TX, self.token_R)
+
+    def take_flat(self, data_NX: torch.Tensor) -> Rows:
+        return self.take(data_NX, self.flat_R)
+
+    def row_gates(self, gates_TK: torch.Tensor) -> torch.Tensor:
+        return self.take_flat(gates_TK.reshape(-1, 1)).data
+
+    def unsort(self, rows_RX: torch.Tensor) -> torch.Tensor:
+        return rows_RX.index_select(0, self.padded_of_flat_N)
+
+    def sum_slots(self, rows_RX: torch.Tensor) -> torch.Tensor:
+        if rows_RX.is_cuda:
+            flat = self.unsort(rows_RX)
+            return flat.view(self.n_tokens, self.n_slots, rows_RX.shape[1]).sum(1)
+        out = rows_RX.new_zeros(self.n_tokens + 1, rows_RX.shape[1])
+        return out.index_add_(0, self.token_R, rows_RX)[: self.n_tokens]
+
+    def _batched(self, rows_RX: torch.Tensor) -> torch.Tensor:
+        return rows_RX.view(self.n_experts, self.capacity, rows_RX.shape[1])
+
+    def mm(self, a: Rows, w_EIO: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        w = w_EIO.transpose(1, 2) if transpose else w_EIO
+        return torch.bmm(self._batched(a.data), w).view(-1, w.shape[2])
+
+    def mm_dw(self, a: Rows, dy: Rows) -> torch.Tensor:
+        return torch.bmm(self._batched(a.data).transpose(1, 2), self._batched(dy.data))
+
+
+# Padding waste above which the padded layout stops paying for itself.
+MAX_PADDING = 1.5
+
+
+def choose_torch_backend(routing: Routing, n_slots: int, layout: str = "auto"):
+    """layout 'grouped', 'padded', or 'auto': padded when E * max(count) <= MAX_PADDING * N.
+
+    Measured on this 2-core machine at (T, d, E, G, K) = (1024, 256, 128, 32, 8): one bmm per
+    product matched the per-expert loop when the cores were idle and ran about 3x faster (median)
+    when other processes shared them, as E small matmuls each pay a thread-pool wake-up.
+    """
+    N = routing.order_N.numel()
+    if layout == "auto":
+        padded_rows = routing.counts_E.numel() * int(routing.counts_E.max()) if N else 0
+        layout = "padded" if N and padded_rows <= MAX_PADDING * N else "grouped"
+    if layout == "padded":
+        return PaddedTorchBackend(routing, n_slots)
+    return GroupedTorchBackend(routing, n_slots)

@@ -10,26 +10,27 @@ gathered twice and autograd keeps no per-op buffers.
 import torch
 
 from moe_kernels.expert_matmul.activations import activate, activate_backward
-from moe_kernels.expert_matmul.cpu import TorchBackend, unsort
+from moe_kernels.expert_matmul.cpu import choose_torch_backend
 from moe_kernels.expert_matmul.rows import Rows
 from moe_kernels.routing.dispatch import sort_by_expert
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "torch_grouped", "torch_padded", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def make_backend(backend: str, x: torch.Tensor, idx_TK: torch.Tensor, n_experts: int):
     """'auto': Triton for CUDA tensors in fp32/fp16/bf16, the torch backend otherwise (the CPU and
-    fp64). 'triton' forces the kernels, e.g. on CPU tensors under TRITON_INTERPRET=1."""
+    fp64). 'torch' picks its layout by the padding it would cost; 'torch_grouped' and
+    'torch_padded' force one. 'triton' forces the kernels, e.g. on CPU tensors under
+    TRITON_INTERPRET=1."""
     routing = sort_by_expert(idx_TK, n_experts)
-    use_triton = backend == "triton" or (
-        backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES
-    )
-    if use_triton:
+    K = idx_TK.shape[1]
+    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES):
         from moe_kernels.expert_matmul.triton import TritonBackend
 
-        return TritonBackend(routing, idx_TK.shape[1])
-    return TorchBackend(routing, idx_TK.shape[1])
+        return TritonBackend(routing, K)
+    layout = {"torch_grouped": "grouped", "torch_padded": "padded"}.get(backend, "auto")
+    return choose_torch_backend(routing, K, layout)
 
 
 def _row_dot(a_NO: torch.Tensor, b_NO: torch.Tensor) -> torch.Tensor:
@@ -48,49 +49,47 @@ class ExpertMatmulFunction(torch.autograd.Function):
     def forward(ctx, x, w_EIO, idx_TK, gates_TK, backend):
         T, K = idx_TK.shape
         be = make_backend(backend, x, idx_TK, w_EIO.shape[0])
-        r = be.routing
         if x.dim() == 2:
-            xs = be.take(x, be.token_N)
+            xs = be.take_tokens(x)
         else:
-            xs = be.take(x.reshape(T * K, x.shape[-1]), r.order_N)
+            xs = be.take_flat(x.reshape(T * K, x.shape[-1]))
         ys_NO = be.mm(xs, w_EIO)
         if gates_TK is None:
-            out = unsort(ys_NO, r).view(T, K, w_EIO.shape[2])
-            gs_N = None
+            out = be.unsort(ys_NO).view(T, K, w_EIO.shape[2])
+            gs_N1 = None
         else:
-            gs_N = gates_TK.reshape(-1)[r.order_N]
-            out = be.sum_slots(ys_NO * gs_N[:, None])
+            gs_N1 = be.row_gates(gates_TK)
+            out = be.sum_slots(ys_NO * gs_N1)
         ctx.be, ctx.x_shape = be, x.shape
-        ctx.save_for_backward(xs.data, xs.index, w_EIO, gs_N)
+        ctx.save_for_backward(xs.data, xs.index, w_EIO, gs_N1)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         be = ctx.be
-        r = be.routing
-        xs_data, xs_index, w_EIO, gs_N = ctx.saved_tensors
+        xs_data, xs_index, w_EIO, gs_N1 = ctx.saved_tensors
         xs = Rows(xs_data, xs_index)
         T, K = ctx.x_shape[0], be.n_slots
         need_x, need_w, _, need_gates, _ = ctx.needs_input_grad
-        if gs_N is None:
-            dys = be.take(grad_out.reshape(T * K, w_EIO.shape[2]), r.order_N)
+        if gs_N1 is None:
+            dys = be.take_flat(grad_out.reshape(T * K, w_EIO.shape[2]))
         else:
-            dys = be.take(grad_out, be.token_N)  # not yet weighted by the gates
+            dys = be.take_tokens(grad_out)  # not yet weighted by the gates
         dx = dw = dgates = None
         if need_x or need_gates:
             dxs_NI = be.mm(dys, w_EIO, transpose=True)
-            if gs_N is not None:
+            if gs_N1 is not None:
                 if need_gates:
-                    dgates = unsort(_row_dot(dxs_NI, xs.materialize()), r)
-                    dgates = dgates.view(T, K).to(gs_N.dtype)
-                dxs_NI = dxs_NI * gs_N[:, None]
+                    dgates = be.unsort(_row_dot(dxs_NI, xs.materialize()))
+                    dgates = dgates.view(T, K).to(gs_N1.dtype)
+                dxs_NI = dxs_NI * gs_N1
             if need_x and len(ctx.x_shape) == 2:
                 dx = be.sum_slots(dxs_NI)
             elif need_x:
-                dx = unsort(dxs_NI, r).view(ctx.x_shape)
+                dx = be.unsort(dxs_NI).view(ctx.x_shape)
         if need_w:
-            if gs_N is not None:
-                xs = be.take(xs.materialize() * gs_N[:, None], None)
+            if gs_N1 is not None:
+                xs = Rows(xs.materialize() * gs_N1)
             dw = be.mm_dw(xs, dys)
         return dx, dw, None, dgates, None
 
@@ -101,33 +100,32 @@ class ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend):
         be = make_backend(backend, x_TD, idx_TK, w1_EDG.shape[0])
-        gs_N = gates_TK.reshape(-1)[be.routing.order_N]
-        xs = be.take(x_TD, be.token_N)
+        gs_N1 = be.row_gates(gates_TK)
+        xs = be.take_tokens(x_TD)
         h_NG = be.mm(xs, w1_EDG)
-        ag_NG = activate(activation, h_NG) * gs_N[:, None]
-        out_TD = be.sum_slots(be.mm(be.take(ag_NG, None), w2_EGD))
+        ag_NG = activate(activation, h_NG) * gs_N1
+        out_TD = be.sum_slots(be.mm(Rows(ag_NG), w2_EGD))
         ctx.be, ctx.activation = be, activation
-        ctx.save_for_backward(xs.data, xs.index, w1_EDG, w2_EGD, h_NG, gs_N)
+        ctx.save_for_backward(xs.data, xs.index, w1_EDG, w2_EGD, h_NG, gs_N1)
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
         be = ctx.be
-        r = be.routing
-        xs_data, xs_index, w1_EDG, w2_EGD, h_NG, gs_N = ctx.saved_tensors
+        xs_data, xs_index, w1_EDG, w2_EGD, h_NG, gs_N1 = ctx.saved_tensors
         xs = Rows(xs_data, xs_index)
         T, K = grad_TD.shape[0], be.n_slots
         a_NG = activate(ctx.activation, h_NG)
-        dout = be.take(grad_TD, be.token_N)
+        dout = be.take_tokens(grad_TD)
         da_NG = be.mm(dout, w2_EGD, transpose=True)  # gradient of the unweighted activations
         dgates = None
         if ctx.needs_input_grad[4]:
-            dgates = unsort(_row_dot(da_NG, a_NG), r).view(T, K).to(gs_N.dtype)
+            dgates = be.unsort(_row_dot(da_NG, a_NG)).view(T, K).to(gs_N1.dtype)
         dw2 = None
         if ctx.needs_input_grad[2]:
-            dw2 = be.mm_dw(be.take(a_NG * gs_N[:, None], None), dout)
-        dh_NG = activate_backward(ctx.activation, h_NG, da_NG * gs_N[:, None])
-        dh = be.take(dh_NG, None)
+            dw2 = be.mm_dw(Rows(a_NG * gs_N1), dout)
+        dh_NG = activate_backward(ctx.activation, h_NG, da_NG * gs_N1)
+        dh = Rows(dh_NG)
         dx = dw1 = None
         if ctx.needs_input_grad[1]:
             dw1 = be.mm_dw(xs, dh)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels.expert_matmul.layout import SortedLayout
 from moe_kernels.expert_matmul.rows import Rows
 from moe_kernels.routing.naive import Routing
 
@@ -191,7 +192,7 @@ def _rows_arg(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return data, rows.index.contiguous(), True
 
 
-class TritonBackend:
+class TritonBackend(SortedLayout):
     """Launches the kernels; gathers stay lazy (Rows) and happen inside the kernels' loads."""
 
     BLOCK_M = 64
@@ -199,13 +200,8 @@ class TritonBackend:
     BLOCK_K = 32
 
     def __init__(self, routing: Routing, n_slots: int):
-        self.routing = routing
-        self.n_slots = n_slots
-        self.token_N = routing.order_N // n_slots
+        super().__init__(routing, n_slots)
         self.tiles = tile_table(routing, self.BLOCK_M)
-
-    def take(self, data: torch.Tensor, index: torch.Tensor | None) -> Rows:
-        return Rows(data, index)
 
     def mm(self, a: Rows, w_EIO: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         data, rows, has_rows = _rows_arg(a)
@@ -248,9 +244,3 @@ class TritonBackend:
             BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_M=32,
         )  # fmt: skip
         return dw
-
-    def sum_slots(self, rows_NO: torch.Tensor) -> torch.Tensor:
-        """Deterministic (no atomics): back to flat (token, slot) order, then sum over slots."""
-        n_tokens = self.routing.order_N.numel() // self.n_slots
-        flat = rows_NO.index_select(0, self.routing.inverse_N)
-        return flat.view(n_tokens, self.n_slots, rows_NO.shape[1]).sum(1)

@@ -1,0 +1,43 @@
+"""Where each (token, slot) row lives while the expert matmuls run: the row layouts of the backends.
+
+SortedLayout: the N = T * K rows in expert-sorted order, expert e owning rows
+offsets[e]:offsets[e + 1]. The autograd Functions only move data through these methods, so a
+backend may choose another layout (the padded one of the torch backend) without touching them.
+"""
+
+import torch
+
+from moe_kernels.expert_matmul.rows import Rows
+from moe_kernels.routing.naive import Routing
+
+
+class SortedLayout:
+    def __init__(self, routing: Routing, n_slots: int):
+        self.routing = routing
+        self.n_slots = n_slots
+        self.n_tokens = routing.order_N.numel() // n_slots
+        self.token_N = routing.order_N // n_slots
+
+    def take_tokens(self, data_TX: torch.Tensor) -> Rows:
+        """Row n is data[token of n] (the same token row for all its slots)."""
+        return self.take(data_TX, self.token_N)
+
+    def take_flat(self, data_NX: torch.Tensor) -> Rows:
+        """Row n is data[flat (token, slot) index of n]."""
+        return self.take(data_NX, self.routing.order_N)
+
+    def take(self, data: torch.Tensor, index: torch.Tensor) -> Rows:
+        return Rows(data, index)
+
+    def row_gates(self, gates_TK: torch.Tensor) -> torch.Tensor:
+        """The gate of every row as a column [N, 1]."""
+        return gates_TK.reshape(-1, 1).index_select(0, self.routing.order_N)
+
+    def unsort(self, rows_NX: torch.Tensor) -> torch.Tensor:
+        """Rows back to flat (token, slot) order."""
+        return rows_NX.index_select(0, self.routing.inverse_N)
+
+    def sum_slots(self, rows_NX: torch.Tensor) -> torch.Tensor:
+        """out[t] = sum over k of the row of (t, k); [T, X]. Deterministic: no atomics."""
+        flat = self.unsort(rows_NX)
+        return flat.view(self.n_tokens, self.n_slots, rows_NX.shape[1]).sum(1)
