@@ -2,7 +2,9 @@
 
 For each shape (T, d, E, G, K): median forward and forward+backward time (with the spread of
 the interleaved repeats), peak CUDA memory and achieved TFLOP/s of
-  fast          moe_kernels.expert_mlp (CPU: torch grouped matmuls; CUDA: the Triton kernels)
+  fast          moe_kernels.expert_mlp (CPU: the torch backend, layout chosen by padding cost;
+                CUDA: the Triton kernels); on the CPU also both layouts forced, fast[grouped]
+                (torch._grouped_mm / per-expert loop) and fast[padded] (one bmm per product)
   naive         moe_kernels.expert_mlp_naive (sort by expert, loop over experts)
   dense_flops   a dense MLP of width K*G: the same active FLOPs (the floor)
   dense_params  a dense MLP of width E*G: the same parameter count
@@ -80,6 +82,12 @@ def _impls(inp, device):
         "dense_flops": inp["dense_flops"],
         "dense_params": inp["dense_params"],
     }
+    if device == "cpu":
+        for layout in ("grouped", "padded"):
+            impls[f"fast[{layout}]"] = lambda x, w1, w2, b=f"torch_{layout}": (
+                moe_kernels.expert_mlp(x, w1, w2, idx, gates, "relu", backend=b)
+            )
+            weights[f"fast[{layout}]"] = (w1, w2)
     if device == "cuda":
         impls["grouped_mm"] = lambda x, w1, w2: _grouped_mm_mlp(x, w1, w2, idx, gates)
         weights["grouped_mm"] = (w1, w2)
@@ -153,7 +161,7 @@ def run(quick: bool) -> list[dict]:
             if quick:
                 T, D, E, G, K = shape
                 shape = (T // 16, D, E, G, K)
-            rows += bench_shape(shape, torch.float32, "cpu", repeats=2 if quick else 15)
+            rows += bench_shape(shape, torch.float32, "cpu", repeats=2 if quick else 7)
     finally:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
