@@ -59,8 +59,8 @@ class SigmaMoE(RoutedExperts):
         of softmax(x @ gate.T) over tokens (softmax of the raw logits, as the authors' code does,
         although routing uses sigmoid); nothing is recorded when γ = 0.
     activation: the experts' nonlinearity ("relu" in the paper).
-    n_layers (L): depth of the network, for the pre-LN init scale c = sqrt(2/L) (c = 1 for post-LN
-        is n_layers=2).
+    n_layers (L): depth of the network, for the pre-LN init scale c = sqrt(2/L); the authors'
+        post-LN models use c = 1, which n_layers=2 gives.
     dropout: dropout on the expert hidden activations (off in the paper's main runs).
     init: "dense" (the paper's dense-equivalent init: w1 ~ N(0, c²/d_model), w2 ~ N(0, c²/(N_E*G))
         as the second matrix of a dense layer of width N_E*G, gate rows ~ N(0, c²/d_model) then
