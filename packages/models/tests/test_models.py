@@ -178,3 +178,34 @@ def test_model_code_runs_under_bf16_autocast(small, arch):
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@given(length=st.integers(1, 16), seed=st.integers(0, 2**16), data=st.data())
+def test_odd_sizes_and_all_experts_selected(small, arch, length, seed, data):
+    """Odd widths, three heads of odd size, K = E, one-token sequences: every token goes to every
+    expert, gradients are finite, and the model stays causal."""
+    model = small(
+        arch,
+        "sigma_moe",
+        seed,
+        d_model=30,
+        n_heads=3,
+        d_head=7,
+        n_experts=3,
+        k=3,
+        expert_size=5,
+        smlp_d_ff=22,
+        smlp_n_chunks=5,
+    ).eval()
+    tokens = torch.randint(0, 37, (2, length), generator=torch.Generator().manual_seed(seed))
+    out = model(tokens, tokens)
+    out.loss.backward()
+    stats = [st_ for name, st_ in out.routing_stats.items() if "smoe" not in name]
+    assert stats and all(s.expert_counts.tolist() == [2 * length] * 3 for s in stats)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    pos = data.draw(st.integers(0, length - 1), label="changed position")
+    changed = tokens.clone()
+    changed[:, pos] = (changed[:, pos] + 1) % 37
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed).logits[:, :pos], out.logits[:, :pos].detach())
