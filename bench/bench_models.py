@@ -4,7 +4,7 @@ One row per tiny preset: tokens/s of a full training step (forward, backward, Ad
 preset's seq_len, its parameter-equal dense twin's tokens/s (`moe_models.dense_twin`), their
 ratio, the parameter counts and FLOPs per token, and peak memory on CUDA (None on the CPU). All
 steps are timed round-robin (bench/timing.py) and medians reported, on one CPU thread. On CUDA the
-row set repeats on the GPU.
+row set repeats on the GPU, with the papers' smaller MoE presets (GPU_PRESETS) added.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import moe_models
 import torch
 from timing import peak_memory_mb, time_interleaved
+
+GPU_PRESETS = ["sigma-moe-wt103-small", "sigma-moe-enwik8"]
 
 
 def _train_step(cfg, batch: int, device: str):
@@ -36,9 +38,11 @@ def run(quick: bool) -> list[dict]:
     torch.set_num_threads(1)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     batch, repeats = (4, 3) if quick else (8, 7)
-    names = [n for n in moe_models.presets() if n.startswith("tiny-")]
+    tiny = [n for n in moe_models.presets() if n.startswith("tiny-")]
     rows = []
     for device in devices:
+        # the papers' small models are worth timing only on a GPU
+        names = tiny + (GPU_PRESETS if device == "cuda" else [])
         configs = {}
         for name in names:
             cfg = moe_models.get_config(name, dropout=0.0)
