@@ -116,7 +116,8 @@ def test_choice_scores_do_not_depend_on_padding(run_dir):
     ]
     together = choice_scores(model, pairs, "cpu")
     for (inputs, targets), score in zip(pairs, together, strict=True):
-        logp = torch.log_softmax(model(torch.tensor([inputs])).logits[0].float(), -1)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inputs])).logits[0].float(), -1)
         mask = torch.tensor(targets) != IGNORE
         expected = logp[mask].gather(-1, torch.tensor(targets)[mask][:, None]).sum()
         assert score == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
