@@ -68,7 +68,7 @@ def _grouped_mm_mlp(x, w1, w2, idx, gates):
     return ys[r.inverse_N].view(T, K, -1).sum(1)
 
 
-def _impls(inp, device):
+def _impls(inp, device, layouts=True):
     x, w1, w2, idx, gates = (inp[k] for k in ("x", "w1", "w2", "idx", "gates"))
     impls = {
         "fast": lambda x, w1, w2: moe_kernels.expert_mlp(x, w1, w2, idx, gates, "relu"),
@@ -82,7 +82,7 @@ def _impls(inp, device):
         "dense_flops": inp["dense_flops"],
         "dense_params": inp["dense_params"],
     }
-    if device == "cpu":
+    if device == "cpu" and layouts:
         for layout in ("grouped", "padded"):
             impls[f"fast[{layout}]"] = lambda x, w1, w2, b=f"torch_{layout}": (
                 moe_kernels.expert_mlp(x, w1, w2, idx, gates, "relu", backend=b)
@@ -114,15 +114,15 @@ def _fwd_bwd(fn, x, ws):
     return run
 
 
-def bench_shape(shape, dtype, device, repeats, skip=()):
+def bench_shape(shape, dtype, device, repeats, skip=(), quick=False):
     T, D, E, G, K = shape
     inp = _inputs(shape, dtype, device)
-    impls = {k: v for k, v in _impls(inp, device).items() if k not in skip}
+    impls = {k: v for k, v in _impls(inp, device, not quick).items() if k not in skip}
     fns = {}
     for name, (fn, ws) in impls.items():
         fns[(name, "fwd")] = _fwd(fn, inp["x"], ws)
         fns[(name, "fwd_bwd")] = _fwd_bwd(fn, inp["x"], ws)
-    times = time_interleaved(fns, repeats, device=device)
+    times = time_interleaved(fns, repeats, warmup=1 if quick else 2, device=device)
     active = 4 * T * K * D * G  # two matmuls of 2 * T * K * D * G FLOPs each
     flops = {name: active for name in impls}
     flops["dense_params"] = 4 * T * E * D * G
@@ -161,7 +161,7 @@ def run(quick: bool) -> list[dict]:
             if quick:
                 T, D, E, G, K = shape
                 shape = (T // 16, D, E, G, K)
-            rows += bench_shape(shape, torch.float32, "cpu", repeats=2 if quick else 7)
+            rows += bench_shape(shape, torch.float32, "cpu", 1 if quick else 7, quick=quick)
     finally:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
@@ -169,9 +169,9 @@ def run(quick: bool) -> list[dict]:
             if quick:
                 T, D, E, G, K = shape
                 shape = (T // 16, D, E, G, K)
-            # the naive loop and the E*G-wide dense MLP are slow or huge at these sizes
+            # the naive loop over experts is slow at the widest of these sizes
             skip = ("naive",) if shape[3] * shape[2] > 16384 else ()
             rows += bench_shape(
-                shape, torch.bfloat16, "cuda", repeats=5 if quick else 20, skip=skip
+                shape, torch.bfloat16, "cuda", 5 if quick else 20, skip=skip, quick=quick
             )
     return rows
