@@ -23,8 +23,9 @@ def expert_matmul(
     gate-weighted sum over the K slots, [T, d_out]. Differentiable in x, w and gates.
 
     x [T, d_in] or [T, K, d_in]; w [E, d_in, d_out]; idx [T, K] integer in [0, E).
-    backend: "auto" (Triton on CUDA, the torch grouped-matmul path on the CPU and for fp64),
-    "torch" or "triton" (forces the kernels, e.g. on the CPU under TRITON_INTERPRET=1).
+    backend: "auto" (Triton on CUDA, the torch backend on the CPU and for fp64), "torch" (its
+    layout chosen by padding cost), "torch_grouped", "torch_padded", or "triton" (forces the
+    kernels, e.g. on CPU tensors under TRITON_INTERPRET=1).
     """
     check_matmul(x, w, idx, gates, backend)
     return ExpertMatmulFunction.apply(x, w, idx, gates, backend)
