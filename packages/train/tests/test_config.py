@@ -25,6 +25,12 @@ def test_overrides_reach_model_and_train_fields_with_their_types():
     assert cfg.train.schedule == "linear"
 
 
+def test_ffn_takes_a_type_name_or_a_json_table():
+    assert resolve(overrides=["ffn=dense"]).model.ffn.type == "dense"
+    cfg = resolve(overrides=['ffn={"type": "dense", "d_ff": 96}'])
+    assert cfg.model.ffn.type == "dense" and cfg.model.ffn.d_ff == 96
+
+
 def test_precedence_file_then_flags_then_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(

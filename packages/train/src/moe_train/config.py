@@ -225,6 +225,9 @@ def model_config(preset: str, overrides: dict[str, Any]) -> Any:
             like = current[key]
         else:
             like = ffn_fields.get(key.removeprefix("ffn."), "")
+        # a dict-valued field (ffn) also takes a name (ffn=dense); JSON only when it looks like it
+        if isinstance(like, dict) and isinstance(value, str) and not value.lstrip().startswith("{"):
+            like = ""
         if isinstance(value, str) and not isinstance(like, str):
             value = parse_value(value, like, key)
         typed[key] = value
