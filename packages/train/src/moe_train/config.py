@@ -41,7 +41,7 @@ class TrainConfig:
     `moe-train train` on the tiny σ-MoE preset finishes in a few minutes on two CPU cores.
     """
 
-    max_steps: int = 1200
+    max_steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-3
@@ -52,13 +52,13 @@ class TrainConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.25
-    eval_interval: int = 400
+    eval_interval: int = 500
     eval_batches: int = 20
     final_eval_batches: int = 0
     eval_batch_size: int = 32
     log_interval: int = 10
     routing_interval: int = 100
-    save_interval: int = 400
+    save_interval: int = 500
     keep_last: int = 2
     seed: int = 0
     precision: str = "fp32"
