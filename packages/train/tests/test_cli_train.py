@@ -120,3 +120,22 @@ def test_tensorboard_event_files_are_written(cli, tmp_path):
     )
     assert rc == 0, err
     assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_word_level_data_reports_perplexity(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_DATA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    words = "the cat sat on a mat and the dog ran to the cat".split()
+    for split, n in (("train", 400), ("valid", 80), ("test", 80)):
+        lines = [
+            " ".join(words[(i + j) % len(words)] for j in range(12)) for i in range(n // 12 + 1)
+        ]
+        (folder / f"wiki.{split}.tokens").write_text(" \n".join(lines) + " \n")
+    run = tmp_path / "run"
+    rc, out, err = cli.train(run, "--max-steps", "3", "--data", f"wikitext:{folder}")
+    assert rc == 0, err
+    assert "validation perplexity" in out
+    final = [r for r in cli.metrics(run) if r.get("final")][0]
+    assert final["valid_ppl"] == pytest.approx(math.exp(final["valid_loss"]))
+    assert "valid_bpc" not in final and "train_ppl" in cli.metrics(run)[0]
