@@ -110,6 +110,13 @@ def collect_routing_stats(module: nn.Module) -> dict[str, RoutingStats]:
     }
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's where it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def check_positive(**options: int | float) -> None:
     for name, value in options.items():
         if not value > 0:
@@ -185,13 +192,18 @@ class RoutedExperts(MoEModule):
 
     def expert_forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
         p = self.hidden_dropout if self.training else 0.0
+        # autocast does not reach inside the expert kernels: cast to its dtype here, so that under
+        # bf16/fp16 autocast the experts run in low precision like any matmul of the model
+        dtype = compute_dtype(x_TD)
+        x_TD, gates_TK = x_TD.to(dtype), gates_TK.to(dtype)
+        w1_EDG, w2_EGD = self.w1.to(dtype), self.w2.to(dtype)
         if self.impl == "reference":
             return reference_expert_mlp(
-                x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation, hidden_dropout=p
+                x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, hidden_dropout=p
             )
         import moe_kernels
 
         if p > 0:
-            u_TKG = ACTIVATIONS[self.activation](moe_kernels.expert_matmul(x_TD, self.w1, idx_TK))
-            return moe_kernels.expert_matmul(F.dropout(u_TKG, p), self.w2, idx_TK, gates_TK)
-        return moe_kernels.expert_mlp(x_TD, self.w1, self.w2, idx_TK, gates_TK, self.activation)
+            u_TKG = ACTIVATIONS[self.activation](moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK))
+            return moe_kernels.expert_matmul(F.dropout(u_TKG, p), w2_EGD, idx_TK, gates_TK)
+        return moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation)

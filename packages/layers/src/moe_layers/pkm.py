@@ -111,5 +111,7 @@ class PKM(MoEModule):
         if self.impl == "reference":
             y_TD = (weights_TN.unsqueeze(-1) * self.values[idx_TN]).sum(1)
         else:
-            y_TD = F.embedding_bag(idx_TN, self.values, per_sample_weights=weights_TN, mode="sum")
+            y_TD = F.embedding_bag(
+                idx_TN, self.values, per_sample_weights=weights_TN.to(self.values.dtype), mode="sum"
+            )
         return y_TD.reshape(x.shape)

@@ -33,7 +33,7 @@ def sparse_topk_ffn(x_TD, w1_FD, b1_F, w2_FD, b2_D, k: int, activation: str, dro
     """Fast path: the second matmul only reads the k selected rows of w2 (a weighted bag of rows)."""
     h_TF = F.dropout(ACTIVATIONS[activation](F.linear(x_TD, w1_FD, b1_F)), dropout)
     vals_TK, idx_TK = h_TF.topk(k, dim=-1, sorted=False)
-    y_TD = F.embedding_bag(idx_TK, w2_FD, per_sample_weights=vals_TK, mode="sum")
+    y_TD = F.embedding_bag(idx_TK, w2_FD, per_sample_weights=vals_TK.to(w2_FD.dtype), mode="sum")
     return y_TD if b2_D is None else y_TD + b2_D
 
 
