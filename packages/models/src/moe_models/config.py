@@ -36,7 +36,10 @@ class FFNConfig:
     expert_dropout: float = 0.0
     entropy_weight: float = 0.0
     sinkhorn_iters: int = 3
+    # σ-MoE / Switch expert init: "dense" (W2 as a dense layer of width E*G) or "expert_size"
+    init: str = "dense"
     # Switch / GShard
+    balance_variant: str = "switch"
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     load_balance_weight: float = 0.01

@@ -46,6 +46,7 @@ def _sigma_moe(f: FFNConfig, cfg: ModelConfig) -> nn.Module:
         activation=f.activation,
         n_layers=cfg.n_layers,
         dropout=f.dropout,
+        init=f.init,
         impl=f.impl,
     )
 
@@ -83,6 +84,8 @@ def _switch(f: FFNConfig, cfg: ModelConfig) -> nn.Module:
         f.expert_size,
         capacity_factor=f.capacity_factor,
         load_balance_weight=f.load_balance_weight,
+        balance_variant=f.balance_variant,
+        init=f.init,
         n_layers=cfg.n_layers,
         activation=f.activation,
         dropout=f.dropout,

@@ -82,11 +82,14 @@ def _dense_small():
 def _switch_small():
     return _xl(
         **_WT103_SMALL,
-        note="Switch baseline, " + _SMALL_NOTE,
+        note="Switch baseline as the σ-MoE authors ran it (no token dropping, their balance-loss "
+        "scaling, 1/sqrt(G) init of W2), " + _SMALL_NOTE,
         type="switch",
         n_experts=4,
         expert_size=512,
         load_balance_weight=0.01,
+        balance_variant="csordas",
+        init="expert_size",
         bias=False,
     )
 
