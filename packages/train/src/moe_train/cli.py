@@ -44,7 +44,8 @@ writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ (TensorBoard) and DIR/checkpo
 (the last train.keep_last step-N.pt and best.pt). --resume continues DIR's latest checkpoint
 exactly; only training fields (e.g. --max-steps) may change on resume.
 distributed: torchrun --nproc_per_node N -m moe_train.cli train ... (gloo on CPU, nccl on CUDA;
-DDP, train.batch_size is the global batch).
+DDP, train.batch_size is the global batch; --expert-parallel also shards the experts over the
+ranks, checkpoints stay unsharded).
 """
 
 
@@ -67,6 +68,7 @@ def _flag_fields(args) -> dict:
         "seed": args.seed,
         "eval_interval": args.eval_interval,
         "log_interval": args.log_interval,
+        "expert_parallel": args.expert_parallel,
     }
 
 
@@ -96,6 +98,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="= train.seed")
     p.add_argument("--eval-interval", type=int, help="= train.eval_interval")
     p.add_argument("--log-interval", type=int, help="= train.log_interval")
+    p.add_argument(
+        "--expert-parallel",
+        action="store_const",
+        const=True,
+        help="shard the experts over the torchrun ranks (= train.expert_parallel=true)",
+    )
 
 
 def build_parser() -> tuple[Parser, dict[str, Parser]]:

@@ -37,7 +37,8 @@ class TrainConfig:
     micro-batches); it must be divisible by world_size * grad_accum. The segment length is the
     model's `seq_len` (the XL unroll, the decoder's context), set like any model field.
     eval_batches caps the evaluations during training, final_eval_batches the one at the end
-    (0: the whole validation split). Defaults are sized so that
+    (0: the whole validation split). expert_parallel shards the experts of every routed layer over
+    the ranks of a torchrun run (moe_layers.ExpertParallel; a no-op on one process). Defaults are sized so that
     `moe-train train` on the tiny σ-MoE preset finishes in a few minutes on two CPU cores.
     """
 
@@ -63,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
+    expert_parallel: bool = False
 
     def validate(self) -> None:
         positive = (

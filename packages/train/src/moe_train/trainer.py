@@ -1,11 +1,13 @@
-"""The training loop: AdamW, warmup + decay, clipping, accumulation, mixed precision, DDP, XL memory.
+"""The training loop: AdamW, warmup + decay, clipping, accumulation, mixed precision, DDP, expert
+parallelism, XL memory.
 
 Checkpoints hold everything a resumed run needs to continue bit-for-bit: model, optimiser,
 scheduler and grad-scaler states, each rank's data position, RNG states and Transformer-XL memory,
-the logging window and the best validation loss. The model state is the full (unsharded) state
-dict, so a checkpoint written by N ranks loads on any number of ranks; data positions, RNG states
-and memories are per rank and are restored exactly when the world size is unchanged (with another
-world size each rank starts from rank 0's data position with a fresh memory, and says so).
+the logging window and the best validation loss. The model and optimiser states are the full
+(unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks loads on any
+number of ranks, with or without expert parallelism; data positions, RNG states and memories are
+per rank and are restored exactly when the world size is unchanged (with another world size each
+rank starts from rank 0's data position with a fresh memory, and says so).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import moe_models
 import torch
 import torch.distributed as dist
+from moe_layers import expert_parameter_names
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -32,6 +35,13 @@ from moe_train.data import Batches, load_corpus
 from moe_train.distributed import DistEnv, gather_to_all, mean_over_ranks, setup, sum_over_ranks
 from moe_train.errors import CLIError
 from moe_train.evaluate import autocast, evaluate
+from moe_train.expert_parallel import (
+    clip_grad_norm_,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    shard_experts,
+)
 from moe_train.metrics import MetricsLogger, RoutingAccumulator, level_metrics, uses_bpc
 from moe_train.schedule import make_scheduler
 
@@ -155,6 +165,11 @@ class Trainer:
         train = cfg.train
         if train.precision == "fp16" and env.device.type != "cuda":
             raise CLIError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        # with one process there is nothing to shard over: the option is a no-op
+        self.expert_parallel = train.expert_parallel and env.distributed
+        if self.expert_parallel and train.precision == "fp16":
+            # the grad scaler's overflow check would see different expert gradients on each rank
+            raise CLIError("train.expert_parallel does not support train.precision=fp16; use bf16")
         micro = train.batch_size / (env.world_size * train.grad_accum)
         if micro != int(micro):
             raise CLIError(
@@ -184,6 +199,11 @@ class Trainer:
         self.level = self.corpus.level
         torch.manual_seed(train.seed)
         model = moe_models.build(self.cfg.model).to(env.device)
+        if payload is not None:
+            # into the unwrapped model: the checkpoint holds whole experts, sharded below
+            load_model_state(model, payload)
+        if self.expert_parallel:
+            shard_experts(model, env.world_size)
         self.model = model
         self.arch = model.arch
         self.xl = self.arch == "transformer_xl"
@@ -209,11 +229,13 @@ class Trainer:
         self.routing = RoutingAccumulator()
         if payload is not None:
             self._restore(payload)
-        self.ddp = (
-            DistributedDataParallel(model, find_unused_parameters=True)
-            if env.distributed
-            else model
-        )
+        self.ddp = model
+        if env.distributed:
+            # each rank's expert shards are its own: DDP must not average them with other ranks'
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, expert_parameter_names(model)
+            )
+            self.ddp = DistributedDataParallel(model, find_unused_parameters=True)
         self.logger = None
         if env.is_main:
             self.logger = MetricsLogger(self.out_dir, tensorboard=opts.tensorboard)
@@ -234,9 +256,8 @@ class Trainer:
                 f"checkpoint {payload['path']} holds no training state ({', '.join(missing)}); "
                 "it can be evaluated but not resumed"
             )
-        load_model_state(self.model, payload)
         try:
-            self.optimizer.load_state_dict(payload["optimizer"])
+            load_optimizer_state(self.optimizer, self.model, payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
             self.scaler.load_state_dict(payload["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
@@ -261,7 +282,10 @@ class Trainer:
             )
 
     def _payload(self) -> dict | None:
-        """The checkpoint dict on rank 0 (None elsewhere); per-rank parts gathered from all ranks."""
+        """The checkpoint dict on rank 0 (None elsewhere); per-rank parts gathered from all ranks,
+        expert shards gathered to the unsharded layout."""
+        model_state = full_model_state(self.model)
+        optimizer_state = full_optimizer_state(self.optimizer, self.model)
         mems = None if self.mems is None else [m.detach().cpu() for m in self.mems]
         per_rank = gather_to_all(
             {
@@ -277,8 +301,8 @@ class Trainer:
             "run_config": self.cfg.to_dict(),
             "arch": self.arch,
             "level": self.level,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -318,10 +342,14 @@ class Trainer:
                 self.mems = detach_mems(out.mems)
             lm_sum += float(out.lm_loss.detach())
             aux_sum += float(out.loss.detach()) - float(out.lm_loss.detach())
-            self.routing.add(out.routing_stats)
+            stats = out.routing_stats
+            if self.expert_parallel:
+                # logged under the unwrapped layer's name, as in a run without expert parallelism
+                stats = {name.removesuffix(".layer"): s for name, s in stats.items()}
+            self.routing.add(stats)
         if train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+            clip_grad_norm_(self.model, train.grad_clip)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -356,7 +384,8 @@ class Trainer:
         if env.is_main:
             print(
                 f"training {self.cfg.preset} ({self.arch}) on {self.corpus.name} "
-                f"[{self.level}], {env.world_size} process(es) on {env.device}; out: {self.out_dir}",
+                f"[{self.level}], {env.world_size} process(es) on {env.device}"
+                f"{', experts sharded over them' if self.expert_parallel else ''}; out: {self.out_dir}",
                 flush=True,
             )
         bar = tqdm(
