@@ -53,14 +53,18 @@ def main() -> int:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         started = time.time()
+        threads = torch.get_num_threads()
         rows = module.run(quick=args.quick)
+        threads_used = torch.get_num_threads()
+        # an entry may pin its thread count; the next entry starts from the default again
+        torch.set_num_threads(threads)
         print_table(name, rows)
         meta = {
             "entry": name,
             "machine": platform.node(),
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": threads_used,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "seconds": round(time.time() - started, 1),
             "quick": args.quick,
