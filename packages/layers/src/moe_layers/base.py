@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import moe_kernels
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -201,8 +202,6 @@ class RoutedExperts(MoEModule):
             return reference_expert_mlp(
                 x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, hidden_dropout=p
             )
-        import moe_kernels
-
         if p > 0:
             u_TKG = ACTIVATIONS[self.activation](moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK))
             return moe_kernels.expert_matmul(F.dropout(u_TKG, p), w2_EGD, idx_TK, gates_TK)
