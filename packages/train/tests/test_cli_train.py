@@ -90,10 +90,9 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(cli, tmp_path):
 
 
 def test_linear_schedule_and_bf16_autocast_on_cpu(cli, tmp_path):
-    # the dense twin: σ-MoE under autocast is the layers' business, see the package README
     run = tmp_path / "run"
     argv = ["--max-steps", "4", "--precision", "bf16", "train.schedule=linear"]
-    rc, _, err = cli.train(run, *argv, preset="tiny-dense")
+    rc, _, err = cli.train(run, *argv, preset="tiny-sigma-moe")
     assert rc == 0, err
     records = [r for r in cli.metrics(run) if "lr" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
