@@ -32,15 +32,27 @@ class RoutingStats:
     """What a routed layer did with the tokens of one forward pass.
 
     expert_counts: [E] assignments (token, slot) each expert was selected for, before any dropping.
-    dropped: assignments removed by a capacity limit (0 for layers without one).
     n_tokens: tokens routed.
-    entropy: entropy (nats) of the batch-averaged selection distribution over experts.
+    dropped_count, entropy_nats: 0-dim tensors; read them as `dropped` (int: assignments removed by
+        a capacity limit, 0 for layers without one) and `entropy` (float: nats of the
+        batch-averaged selection distribution over experts).
+
+    Everything stays on the layer's device, so that recording the statistics never makes the host
+    wait for the GPU; reading `dropped` or `entropy` does.
     """
 
     expert_counts: Tensor
-    dropped: int
     n_tokens: int
-    entropy: float
+    dropped_count: Tensor
+    entropy_nats: Tensor
+
+    @property
+    def dropped(self) -> int:
+        return int(self.dropped_count)
+
+    @property
+    def entropy(self) -> float:
+        return float(self.entropy_nats)
 
     @property
     def usage(self) -> Tensor:
@@ -61,23 +73,28 @@ class MoEModule(nn.Module):
         self._aux_losses[name] = value
 
     def record_routing_stats(
-        self, expert_counts: Tensor, n_tokens: int, probs_TE: Tensor | None = None, dropped: int = 0
+        self,
+        expert_counts: Tensor,
+        n_tokens: int,
+        probs_TE: Tensor | None = None,
+        dropped: int | Tensor = 0,
     ) -> None:
         """probs_TE: each token's selection distribution over experts; its batch mean gives the entropy.
 
-        Without it, the entropy is that of the assignment counts.
+        Without it, the entropy is that of the assignment counts. `dropped` may be a tensor, so
+        that a layer need not read it back from the GPU.
         """
         with torch.no_grad():
             if probs_TE is not None and probs_TE.shape[0] > 0:
                 p = probs_TE.float().mean(0)
             else:
                 p = expert_counts.float() / expert_counts.sum().clamp(min=1)
-            entropy = float(-(p * torch.log(p.clamp(min=1e-30))).sum())
+            entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
         self._routing_stats = RoutingStats(
-            expert_counts=expert_counts.detach().cpu(),
-            dropped=int(dropped),
+            expert_counts=expert_counts.detach(),
             n_tokens=int(n_tokens),
-            entropy=entropy,
+            dropped_count=torch.as_tensor(dropped, device=expert_counts.device).detach(),
+            entropy_nats=entropy,
         )
 
     def _start_forward(self) -> None:

@@ -200,6 +200,6 @@ class GShardMoE(RoutedExperts):
         if self.training and self.load_balance_weight > 0 and x_TD.shape[0] > 0:
             loss = gshard_balance_loss(probs_TE, idx_TK)
             self.record_aux_loss("gshard_balance", self.load_balance_weight * loss)
-        self.record_routing_stats(counts_E, x_TD.shape[0], probs_TE.detach(), int(dropped))
+        self.record_routing_stats(counts_E, x_TD.shape[0], probs_TE.detach(), dropped)
         y_TD = self.expert_forward(x_TD, idx_TK, gates_TK.to(x_TD.dtype))
         return y_TD.reshape(x.shape)

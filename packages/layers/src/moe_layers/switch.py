@@ -100,7 +100,7 @@ class SwitchMoE(RoutedExperts):
         capacity = self.capacity(T)
         if capacity is not None:
             keep_T = capacity_keep_mask(idx_T, self.n_experts, capacity)
-            dropped = int((~keep_T).sum())
+            dropped = (~keep_T).sum()
             gate_T = gate_T * keep_T
         if self.training and self.load_balance_weight > 0 and T > 0:
             balance = switch_balance_loss(probs_TE, idx_T, self.balance_variant)

@@ -27,25 +27,32 @@ def level_metrics(prefix: str, loss: float, level: str) -> dict[str, float]:
 
 
 class RoutingAccumulator:
-    """Sums each routed layer's statistics over the forward passes of one logging window."""
+    """Sums each routed layer's statistics over the forward passes of one logging window.
+
+    The sums stay on the model's device until `summary`, so that a training step never waits for
+    the GPU to hand them over.
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.counts: dict[str, torch.Tensor] = {}
-        self.dropped: dict[str, int] = {}
+        # per layer: [E + 2] = expert counts, dropped assignments, entropy sum (nats)
+        self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self.entropy_sum: dict[str, float] = {}
         self.passes: dict[str, int] = {}
 
     def add(self, stats: dict) -> None:
         for name, s in stats.items():
-            counts = s.expert_counts.detach().to("cpu", torch.float64)
-            self.counts[name] = self.counts.get(name, 0) + counts
-            self.dropped[name] = self.dropped.get(name, 0) + int(s.dropped)
+            row = torch.cat(
+                [
+                    s.expert_counts.detach().double(),
+                    s.dropped_count.detach().double().reshape(1),
+                    s.entropy_nats.detach().double().reshape(1),
+                ]
+            )
+            self.sums[name] = self.sums[name] + row if name in self.sums else row
             self.tokens[name] = self.tokens.get(name, 0) + int(s.n_tokens)
-            self.entropy_sum[name] = self.entropy_sum.get(name, 0.0) + float(s.entropy)
             self.passes[name] = self.passes.get(name, 0) + 1
 
     def summary(self, reduce_sum=None) -> dict[str, dict]:
@@ -54,21 +61,12 @@ class RoutingAccumulator:
         reduce_sum, when given, sums a flat list of floats over ranks (so usage is global).
         """
         out = {}
-        for name in sorted(self.counts):
-            counts = self.counts[name]
-            extra = [
-                self.dropped[name],
-                self.tokens[name],
-                self.entropy_sum[name],
-                self.passes[name],
-            ]
-            flat = counts.tolist() + extra
+        for name in sorted(self.sums):
+            flat = self.sums[name].tolist() + [self.tokens[name], self.passes[name]]
             if reduce_sum is not None:
                 flat = reduce_sum(flat)
-            e = counts.numel()
-            counts_list, (dropped, tokens, entropy_sum, passes) = flat[:e], flat[e:]
-            total = sum(counts_list)
-            assignments = max(total, 1.0)
+            counts_list, (dropped, entropy_sum, tokens, passes) = flat[:-4], flat[-4:]
+            assignments = max(sum(counts_list), 1.0)
             out[name] = {
                 "usage": [round(c / assignments, 6) for c in counts_list],
                 "entropy": entropy_sum / max(passes, 1),

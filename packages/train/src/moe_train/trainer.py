@@ -429,7 +429,7 @@ class Trainer:
                     window_start = time.perf_counter()
                 elif self.step == 1:
                     bar.set_postfix(loss=f"{lm:.3f}", **{unit: f"{shown['train_' + unit]:.3f}"})
-                if self.step % train.routing_interval == 0 and self.routing.counts:
+                if self.step % train.routing_interval == 0 and self.routing.sums:
                     summary = self.routing.summary(
                         reduce_sum=lambda v: sum_over_ranks(v, env) if env.distributed else v
                     )
