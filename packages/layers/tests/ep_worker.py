@@ -137,6 +137,18 @@ def check_state_dict_round_trip(rank, world):
         raise AssertionError("loading a state dict with the wrong expert count did not fail")
 
 
+def check_bf16_autocast(rank, world):
+    """Under bf16 autocast (moe-train --precision bf16) the sharded layer runs and stays close to
+    the unsharded one under the same autocast."""
+    torch.manual_seed(0)
+    full = SigmaMoE(D_MODEL, 4, 3, 2).eval()
+    ep = ExpertParallel(copy.deepcopy(full))
+    x = rank_inputs(rank, 6)[0].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ep, y_full = ep(x), full(x)
+    torch.testing.assert_close(y_ep.float(), y_full.float(), rtol=2e-2, atol=2e-2)
+
+
 def check_indivisible_expert_count():
     try:
         ExpertParallel(GShardMoE(D_MODEL, 3, 2))
@@ -162,6 +174,7 @@ def run_checks(rank: int, world: int, port: int) -> None:
         check_matches_single_process(name, make, training, sizes, rank, world, average=True)
         check_ddp_composition(rank, world)
         check_state_dict_round_trip(rank, world)
+        check_bf16_autocast(rank, world)
         check_indivisible_expert_count()
     finally:
         dist.destroy_process_group()

@@ -122,7 +122,8 @@ class ExpertParallel(nn.Module):
         out_MD = RoutedExperts.expert_forward(self.layer, recv_MD, local_M1, ones_M1)
         back_ND = AllToAll.apply(out_MD, send_splits, recv_splits, self.group)
         gated_ND = back_ND * gates_TK.reshape(-1)[order_N, None].to(back_ND.dtype)
-        return x_TD.new_zeros(n_tokens, x_TD.shape[-1]).index_add(0, tok_N, gated_ND)
+        # the experts' dtype, which autocast may have lowered below x's
+        return gated_ND.new_zeros(n_tokens, x_TD.shape[-1]).index_add(0, tok_N, gated_ND)
 
     def load_full_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
         """Loads an unsharded state dict of the layer (as `layer.state_dict()` of the unwrapped
