@@ -80,7 +80,7 @@ def check_matches_single_process(name, make, training, sizes, rank, world, avera
     lo, hi = rank * ep.n_local, (rank + 1) * ep.n_local
     for pname, p in ep.layer.named_parameters():
         ref_p = dict(full.named_parameters())[pname]
-        if pname in ("w1", "w2"):
+        if pname in ("experts.w1", "experts.w2"):
             expected = grad_or_zeros(ref_p)[lo:hi] / (world if average else 1)
             got = grad_or_zeros(p)
         else:
@@ -112,9 +112,9 @@ def check_ddp_composition(rank, world):
     ((y * cot).sum() + sum(collect_aux_losses(model).values())).backward()
     ep = model[0]
     lo, hi = rank * ep.n_local, (rank + 1) * ep.n_local
-    torch.testing.assert_close(ep.layer.gate.grad, full.gate.grad)
-    torch.testing.assert_close(ep.layer.w1.grad, full.w1.grad[lo:hi])
-    torch.testing.assert_close(ep.layer.w2.grad, full.w2.grad[lo:hi])
+    torch.testing.assert_close(ep.layer.router.gate.grad, full.router.gate.grad)
+    torch.testing.assert_close(ep.layer.experts.w1.grad, full.experts.w1.grad[lo:hi])
+    torch.testing.assert_close(ep.layer.experts.w2.grad, full.experts.w2.grad[lo:hi])
 
 
 def check_state_dict_round_trip(rank, world):
@@ -130,7 +130,7 @@ def check_state_dict_round_trip(rank, world):
     for key, value in full.state_dict().items():
         torch.testing.assert_close(gathered[key], value)
     try:
-        ep.load_full_state_dict({**full.state_dict(), "w1": full.w1[:2]})
+        ep.load_full_state_dict({**full.state_dict(), "experts.w1": full.experts.w1[:2]})
     except ValueError as err:
         assert "experts" in str(err)
     else:

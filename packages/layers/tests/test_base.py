@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from moe_layers import (
     PKM,
+    Experts,
     MoEModule,
-    RoutedExperts,
     SBaseMoE,
     SigmaMoE,
     SwitchMoE,
@@ -42,13 +42,14 @@ def test_expert_forward_fast_matches_reference(
     gates = torch.rand(n_tokens, k, generator=gen, dtype=dtype) * (torch.rand(n_tokens, k) > 0.3)
     grads = {}
     for impl in ("fast", "reference"):
-        layer = RoutedExperts(d_model, n_experts, expert_size, activation, impl).to(dtype)
+        layer = Experts(d_model, n_experts, expert_size, activation=activation, impl=impl)
+        layer = layer.to(dtype)
         with torch.no_grad():
             layer.w1.copy_(torch.randn(layer.w1.shape, generator=torch.Generator().manual_seed(1)))
             layer.w2.copy_(torch.randn(layer.w2.shape, generator=torch.Generator().manual_seed(2)))
         xi = x.clone().requires_grad_(True)
         gi = gates.clone().requires_grad_(True)
-        y = layer.expert_forward(xi, idx, gi)
+        y = layer(xi, idx, gi)
         y.pow(2).sum().backward()
         grads[impl] = (y.detach(), xi.grad, gi.grad, layer.w1.grad, layer.w2.grad)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
@@ -99,13 +100,6 @@ def test_routing_stats_entropy_and_usage():
     assert m.routing_stats.entropy == pytest.approx(
         -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     )
-
-
-def test_routed_experts_rejects_bad_options():
-    with pytest.raises(ValueError, match="impl"):
-        RoutedExperts(4, 2, 2, "relu", "gpu")
-    with pytest.raises(ValueError, match="dropout"):
-        RoutedExperts(4, 2, 2, "relu", "fast", hidden_dropout=1.0)
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])

@@ -88,12 +88,12 @@ def test_training_routes_balanced_and_eval_greedy():
     torch.manual_seed(1)
     layer = BaseLayer(6, 4, 3).double()
     # tokens all close to one centroid: greedy routing would send them all to that expert
-    x = layer.gate[2].detach() * 50 + 0.01 * torch.randn(12, 6, dtype=torch.float64)
+    x = layer.router.gate[2].detach() * 50 + 0.01 * torch.randn(12, 6, dtype=torch.float64)
     layer.train()(x)
     assert torch.equal(collect_routing_stats(layer)[""].expert_counts, torch.full((4,), 3))
     assert collect_aux_losses(layer) == {}
     layer.eval()(x)
-    greedy = torch.bincount((x @ layer.gate.t()).argmax(-1), minlength=4)
+    greedy = torch.bincount((x @ layer.router.gate.t()).argmax(-1), minlength=4)
     assert torch.equal(collect_routing_stats(layer)[""].expert_counts, greedy)
 
 
@@ -103,9 +103,9 @@ def test_eval_output_is_the_formula():
     x = torch.randn(7, 5, dtype=torch.float64)
     y = layer(x)
     for t in range(7):
-        a = layer.gate @ x[t]
+        a = layer.router.gate @ x[t]
         e = a.argmax()
-        expected = torch.sigmoid(a[e]) * F.relu(x[t] @ layer.w1[e]) @ layer.w2[e]
+        expected = torch.sigmoid(a[e]) * F.relu(x[t] @ layer.experts.w1[e]) @ layer.experts.w2[e]
         torch.testing.assert_close(y[t], expected)
 
 
@@ -113,7 +113,7 @@ def test_centroids_learn_through_the_sigmoid_gate():
     torch.manual_seed(3)
     layer = BaseLayer(5, 3, 4).train()
     layer(torch.randn(9, 5)).pow(2).sum().backward()
-    assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
+    assert layer.router.gate.grad is not None and layer.router.gate.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

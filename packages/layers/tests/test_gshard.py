@@ -18,7 +18,7 @@ def gshard_config(draw):
         n_tokens=draw(st.one_of(st.just(1), st.integers(1, 20))),
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
         second_policy=draw(st.sampled_from(["sampling", "all", "random"])),
-        capacity_factor=draw(st.sampled_from([0.25, 0.5, 1.0, 2.0])),
+        capacity_factor=draw(st.sampled_from([None, 0.25, 0.5, 1.0, 2.0])),
         eval_capacity_factor=draw(st.sampled_from([None, 0.1, 0.5])),
         normalize_after_drop=draw(st.booleans()),
         gate_noise=draw(st.sampled_from([0.0, 0.5])),
@@ -65,7 +65,7 @@ def queue_oracle(e1, e2, capacity, n_experts):
 @given(
     n_tokens=st.integers(1, 30),
     n_experts=st.integers(2, 6),
-    capacity=st.integers(1, 8),
+    capacity=st.one_of(st.none(), st.integers(1, 8)),
     normalize_after_drop=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -76,7 +76,8 @@ def test_capacity_drops_in_token_order(n_tokens, n_experts, capacity, normalize_
     )
     order = logits.argsort(dim=1, descending=True)
     assert torch.equal(idx, order[:, :2])
-    keep1, keep2 = queue_oracle(idx[:, 0].tolist(), idx[:, 1].tolist(), capacity, n_experts)
+    limit = math.inf if capacity is None else capacity
+    keep1, keep2 = queue_oracle(idx[:, 0].tolist(), idx[:, 1].tolist(), limit, n_experts)
     assert torch.equal(gates[:, 0] > 0, keep1)
     assert torch.equal(gates[:, 1] > 0, keep2)
     assert int(dropped) == int((~keep1).sum() + (~keep2).sum())
@@ -92,11 +93,12 @@ def test_capacity_drops_in_token_order(n_tokens, n_experts, capacity, normalize_
 
 def test_capacity_formulas():
     layer = GShardMoE(4, 4, 3)
-    # fairseq: training C = 2 * ceil(S / E); eval C = ceil(f * S)
-    assert layer.train().capacity(10) == 2 * 3
-    assert GShardMoE(4, 4, 3, capacity_factor=1.5).capacity(10) == 9
-    assert layer.eval().capacity(10) == 6
-    assert GShardMoE(4, 4, 3, eval_capacity_factor=0.25).eval().capacity(10) == 3
+    # fairseq: training C = 2 * ceil(S / E); eval C = ceil(f * S); None: no limit
+    assert layer.train().router.capacity(10) == 2 * 3
+    assert GShardMoE(4, 4, 3, capacity_factor=1.5).router.capacity(10) == 9
+    assert GShardMoE(4, 4, 3, capacity_factor=None).router.capacity(10) is None
+    assert layer.eval().router.capacity(10) is None
+    assert GShardMoE(4, 4, 3, eval_capacity_factor=0.25).eval().router.capacity(10) == 3
 
 
 def test_dropping_counts_in_stats_and_output():
@@ -112,7 +114,7 @@ def test_dropping_counts_in_stats_and_output():
         torch.minimum(stats.expert_counts, torch.tensor(capacity)).sum()
     )
     # a token with both slots dropped gets no output at all
-    idx, gates, *_ = top2_gating(x @ layer.gate.t(), capacity, "all", True, stochastic=False)
+    idx, gates, *_ = top2_gating(x @ layer.router.gate.t(), capacity, "all", True, stochastic=False)
     none_kept = (gates == 0).all(1)
     assert none_kept.any()
     assert torch.all(y[none_kept] == 0)
@@ -124,10 +126,13 @@ def test_eval_output_is_the_formula():
     x = torch.randn(6, 5, dtype=torch.float64)
     y = layer(x)
     for t in range(6):
-        p = torch.softmax(layer.gate @ x[t], 0)
+        p = torch.softmax(layer.router.gate @ x[t], 0)
         top = p.topk(2).indices
         w = p[top] / p[top].sum()
-        expected = sum(w[j] * F.relu(x[t] @ layer.w1[e]) @ layer.w2[e] for j, e in enumerate(top))
+        expected = sum(
+            w[j] * F.relu(x[t] @ layer.experts.w1[e]) @ layer.experts.w2[e]
+            for j, e in enumerate(top)
+        )
         torch.testing.assert_close(y[t], expected)
 
 
@@ -161,7 +166,7 @@ def test_balance_loss_is_the_gshard_formula():
     x = torch.randn(11, 6, dtype=torch.float64)
     layer(x)
     aux = collect_aux_losses(layer)["gshard_balance"]
-    p = torch.softmax(x @ layer.gate.t(), -1)
+    p = torch.softmax(x @ layer.router.gate.t(), -1)
     top1 = p.argmax(-1)
     expected = 0
     for e in range(5):
@@ -169,8 +174,8 @@ def test_balance_loss_is_the_gshard_formula():
         expected = expected + p[:, e].mean() * frac
     torch.testing.assert_close(aux, 0.3 * 5 * expected)
     aux.backward()
-    assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
-    assert layer.w1.grad is None
+    assert layer.router.gate.grad is not None and layer.router.gate.grad.abs().sum() > 0
+    assert layer.experts.w1.grad is None
     layer.eval()
     layer(x)
     assert collect_aux_losses(layer) == {}

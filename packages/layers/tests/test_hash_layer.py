@@ -66,10 +66,10 @@ def test_output_is_the_hashed_experts_ffn():
     y = layer(x, token_ids=ids)
     for b in range(2):
         for t in range(6):
-            e = layer.table[ids[b, t]]
-            expected = F.relu(x[b, t] @ layer.w1[e]) @ layer.w2[e]
+            e = layer.router.table[ids[b, t]]
+            expected = F.relu(x[b, t] @ layer.experts.w1[e]) @ layer.experts.w2[e]
             torch.testing.assert_close(y[b, t], expected)
-    counts = torch.bincount(layer.table[ids.flatten()], minlength=4)
+    counts = torch.bincount(layer.router.table[ids.flatten()], minlength=4)
     assert torch.equal(collect_routing_stats(layer)[""].expert_counts, counts)
     layer.train()(x, token_ids=ids)
     assert collect_aux_losses(layer) == {}
@@ -79,15 +79,15 @@ def test_hash_is_fixed_by_seed_and_saved():
     a = HashLayer(4, 8, 2, vocab_size=100, seed=1)
     b = HashLayer(4, 8, 2, vocab_size=100, seed=1)
     c = HashLayer(4, 8, 2, vocab_size=100, seed=2)
-    assert torch.equal(a.table, b.table)
-    assert not torch.equal(a.table, c.table)
-    assert "table" in a.state_dict()
-    assert a.table.min() >= 0 and a.table.max() < 8
+    assert torch.equal(a.router.table, b.router.table)
+    assert not torch.equal(a.router.table, c.router.table)
+    assert "router.table" in a.state_dict()
+    assert a.router.table.min() >= 0 and a.router.table.max() < 8
 
 
 def test_balanced_hash_gives_each_expert_equal_vocabulary_share():
     layer = HashLayer(4, 7, 2, vocab_size=100, hash="balanced")
-    counts = torch.bincount(layer.table, minlength=7)
+    counts = torch.bincount(layer.router.table, minlength=7)
     assert counts.max() - counts.min() <= 1
 
 

@@ -38,8 +38,9 @@ def test_all_to_all_single_rank_is_identity_with_gradient():
         (y * 2).sum().backward()
         torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
         model = nn.Sequential(ExpertParallel(GShardMoE(4, 3, 2)))
-        assert expert_parameter_names(model) == ["0.layer.w1", "0.layer.w2"]
-        assert model[0].layer.w1.shape == (3, 4, 2)
+        assert expert_parameter_names(model) == ["0.layer.experts.w1", "0.layer.experts.w2"]
+        assert model[0].layer.experts.w1.shape == (3, 4, 2)
+        assert set(model[0].full_state_dict()) == set(GShardMoE(4, 3, 2).state_dict())
     finally:
         dist.destroy_process_group()
 
@@ -51,5 +52,5 @@ def test_needs_a_process_group():
 
 
 def test_needs_a_routed_layer():
-    with pytest.raises(ValueError, match="RoutedExperts"):
+    with pytest.raises(ValueError, match="RoutedMoE"):
         ExpertParallel(DenseFFN(4, 8))

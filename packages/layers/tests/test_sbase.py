@@ -74,7 +74,7 @@ def test_sinkhorn_converges_to_balanced_assignment():
 def _skewed(layer, n_tokens):
     """Every token prefers expert 0 (logit 2 + small noise) over expert 1 (logit 0)."""
     with torch.no_grad():
-        layer.gate.copy_(torch.eye(2))
+        layer.router.gate.copy_(torch.eye(2))
     x = torch.zeros(n_tokens, 2)
     x[:, 0] = 2.0 + torch.linspace(-0.5, 0.5, n_tokens)
     return x
@@ -88,16 +88,20 @@ def test_training_balances_and_inference_does_not():
     y_train = layer.train()(x)
     assert layer.routing_stats.expert_counts.tolist() == [5, 5]
     # tokens with the weakest preference for expert 0 are the ones moved, gated by sigmoid(0)
-    logits = x @ layer.gate.t()
+    logits = x @ layer.router.gate.t()
     for t in range(5):
-        expected = torch.sigmoid(logits[t, 1]) * torch.relu(x[t] @ layer.w1[1]) @ layer.w2[1]
+        expected = (
+            torch.sigmoid(logits[t, 1])
+            * torch.relu(x[t] @ layer.experts.w1[1])
+            @ layer.experts.w2[1]
+        )
         torch.testing.assert_close(y_train[t], expected)
 
 
 def test_entropy_aux_loss_uniform():
     layer = SBaseMoE(2, 2, 3, 1, entropy_weight=1.0).train()
     with torch.no_grad():
-        layer.gate.zero_()
+        layer.router.gate.zero_()
     layer(torch.randn(6, 2))
     assert collect_aux_losses(layer)["entropy"].item() == pytest.approx(-math.log(2.0))
 

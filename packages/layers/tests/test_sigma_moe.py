@@ -55,9 +55,10 @@ def test_eval_output_is_the_issue_formula():
     x = torch.randn(7, 8, dtype=torch.float64)
     y = layer(x)
     for t in range(7):
-        scores = torch.sigmoid(layer.gate @ x[t])
+        scores = torch.sigmoid(layer.router.gate @ x[t])
         expected = sum(
-            scores[e] * F.relu(x[t] @ layer.w1[e]) @ layer.w2[e] for e in scores.topk(2).indices
+            scores[e] * F.relu(x[t] @ layer.experts.w1[e]) @ layer.experts.w2[e]
+            for e in scores.topk(2).indices
         )
         torch.testing.assert_close(y[t], expected)
 
@@ -67,15 +68,17 @@ def test_gates_are_not_renormalised():
     torch.manual_seed(2)
     layer = SigmaMoE(4, 3, 2, 3).double().eval()
     x = torch.randn(5, 4, dtype=torch.float64)
-    s = torch.sigmoid(x @ layer.gate.t())
-    expected = sum(s[:, e : e + 1] * (F.relu(x @ layer.w1[e]) @ layer.w2[e]) for e in range(3))
+    s = torch.sigmoid(x @ layer.router.gate.t())
+    expected = sum(
+        s[:, e : e + 1] * (F.relu(x @ layer.experts.w1[e]) @ layer.experts.w2[e]) for e in range(3)
+    )
     torch.testing.assert_close(layer(x), expected)
 
 
 def _set_logits(layer, logits):
     """Make x @ gate.T equal `logits` by taking x = logits and gate = I (d_model = n_experts)."""
     with torch.no_grad():
-        layer.gate.copy_(torch.eye(layer.n_experts))
+        layer.router.gate.copy_(torch.eye(layer.config.n_experts))
     return torch.as_tensor(logits, dtype=torch.float32)
 
 
@@ -96,7 +99,7 @@ def test_entropy_recorded_only_in_training_and_differentiable():
     layer.train()(x)
     loss = collect_aux_losses(layer)["entropy"]
     loss.backward()
-    assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
+    assert layer.router.gate.grad is not None and layer.router.gate.grad.abs().sum() > 0
     layer.eval()(x)
     assert collect_aux_losses(layer) == {}
 
@@ -107,13 +110,14 @@ def test_expert_dropout_rate():
     delta, n_tokens, n_experts = 0.3, 500, 8
     layer = SigmaMoE(4, n_experts, 2, n_experts, expert_dropout=delta, impl="reference").train()
     x = torch.randn(n_tokens, 4)
-    _, _, gates, counts = layer.route(x)
+    routing = layer.router(x)
+    gates = routing.gates_TK
     n = n_tokens * n_experts
     rate = (gates == 0).float().mean().item()
     assert abs(rate - delta) < 6 * math.sqrt(delta * (1 - delta) / n)
-    assert counts.sum().item() == int((gates != 0).sum())
+    assert routing.counts_E.sum().item() == int((gates != 0).sum())
     layer.eval()
-    assert (layer.route(x)[2] != 0).all()
+    assert (layer.router(x).gates_TK != 0).all()
 
 
 def test_expert_dropout_changes_only_selection():
@@ -121,7 +125,9 @@ def test_expert_dropout_changes_only_selection():
     torch.manual_seed(4)
     layer = SigmaMoE(5, 6, 3, 1, expert_dropout=0.5).train()
     x = torch.randn(400, 5)
-    logits, idx, gates, _ = layer.route(x)
+    logits = x @ layer.router.gate.t()
+    routing = layer.router(x)
+    idx, gates = routing.idx_TK, routing.gates_TK
     kept = gates[:, 0] != 0
     torch.testing.assert_close(gates[kept, 0], torch.sigmoid(logits.gather(1, idx)[kept, 0]))
     not_top = idx[:, 0] != logits.argmax(-1)
@@ -137,17 +143,17 @@ def test_dense_equivalent_init(n_layers):
     # relative std error of a sample std is 1/sqrt(2N) <= 0.6% here; 4% is > 6 of those, while the
     # "expert_size" init is off by sqrt(16) = 4x
     for name, std in [
-        ("w1", c / math.sqrt(d_model)),
-        ("w2", c / math.sqrt(n_experts * expert_size)),
-        ("gate", c / math.sqrt(d_model)),
+        ("experts.w1", c / math.sqrt(d_model)),
+        ("experts.w2", c / math.sqrt(n_experts * expert_size)),
+        ("router.gate", c / math.sqrt(d_model)),
     ]:
-        w = getattr(layer, name)
+        w = layer.get_parameter(name)
         assert w.std().item() == pytest.approx(std, rel=0.04), name
         assert abs(w.mean().item()) < 6 * std / math.sqrt(w.numel()), name
-    row_norms = layer.gate.norm(dim=-1)
+    row_norms = layer.router.gate.norm(dim=-1)
     torch.testing.assert_close(row_norms, torch.full_like(row_norms, c))
     bad = SigmaMoE(d_model, n_experts, expert_size, 4, n_layers=n_layers, init="expert_size")
-    assert bad.w2.std().item() == pytest.approx(c / math.sqrt(expert_size), rel=0.04)
+    assert bad.experts.w2.std().item() == pytest.approx(c / math.sqrt(expert_size), rel=0.04)
 
 
 def test_routing_stats():
@@ -159,16 +165,15 @@ def test_routing_stats():
     assert 0 <= stats.entropy <= math.log(5) + 1e-6
 
 
-def test_hidden_dropout_only_in_training():
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_hidden_dropout_only_in_training(impl):
     torch.manual_seed(6)
-    fast = SigmaMoE(6, 4, 16, 2, dropout=0.5).double()
+    dropped = SigmaMoE(6, 4, 16, 2, dropout=0.5, impl=impl).double()
     plain = SigmaMoE(6, 4, 16, 2).double()
-    plain.load_state_dict(fast.state_dict())
+    plain.load_state_dict(dropped.state_dict())
     x = torch.randn(10, 6, dtype=torch.float64)
-    torch.testing.assert_close(fast.eval()(x), plain.eval()(x))
-    for impl in ("fast", "reference"):
-        fast.impl = impl
-        assert not torch.allclose(fast.train()(x), plain.train()(x))
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+    assert not torch.allclose(dropped.train()(x), plain.train()(x))
 
 
 @pytest.mark.parametrize(

@@ -113,13 +113,13 @@ def test_causal_sgu():
 def test_tmoe_routings():
     torch.manual_seed(8)
     layer = TMoE(6, 3, 4).double()
-    x = layer.gate[0].detach() * 40 + 0.01 * torch.randn(9, 6, dtype=torch.float64)
+    x = layer.router.gate[0].detach() * 40 + 0.01 * torch.randn(9, 6, dtype=torch.float64)
     layer.train()(x)
     assert torch.equal(collect_routing_stats(layer)[""].expert_counts, torch.full((3,), 3))
     greedy = TMoE(6, 3, 4, routing="top1").double()
     greedy.load_state_dict(layer.state_dict())
     greedy.train()(x)
-    expected = torch.bincount((x @ layer.gate.t()).argmax(-1), minlength=3)
+    expected = torch.bincount((x @ layer.router.gate.t()).argmax(-1), minlength=3)
     assert torch.equal(collect_routing_stats(greedy)[""].expert_counts, expected)
 
 

@@ -13,6 +13,7 @@ from moe_layers import SwitchMoE, collect_aux_losses
     expert_size=st.integers(1, 7),
     n_tokens=st.one_of(st.just(1), st.integers(1, 20)),
     capacity_factor=st.sampled_from([None, 0.5, 1.0, 1.25]),
+    eval_capacity_factor=st.sampled_from([None, 0.1, 0.5]),
     training=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
@@ -24,6 +25,7 @@ def test_fast_matches_reference(
     expert_size,
     n_tokens,
     capacity_factor,
+    eval_capacity_factor,
     training,
     dtype,
     seed,
@@ -36,7 +38,12 @@ def test_fast_matches_reference(
 
     def make(impl):
         return SwitchMoE(
-            d_model, n_experts, expert_size, capacity_factor=capacity_factor, impl=impl
+            d_model,
+            n_experts,
+            expert_size,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            impl=impl,
         )
 
     fast_vs_reference(make, x, seed, training)
@@ -45,19 +52,28 @@ def test_fast_matches_reference(
 def _routed_to(layer, experts):
     """Inputs whose top-1 expert is experts[t], with p = (3/4, 1/4) for E = 2 (d_model = E)."""
     with torch.no_grad():
-        layer.gate.copy_(torch.eye(layer.n_experts))
-    x = torch.zeros(len(experts), layer.n_experts)
+        layer.router.gate.copy_(torch.eye(layer.config.n_experts))
+    x = torch.zeros(len(experts), layer.config.n_experts)
     x[torch.arange(len(experts)), torch.tensor(experts)] = math.log(3.0)
     return x
+
+
+def test_capacity_formulas():
+    # training: ceil(f * T / E); eval: ceil(f * T) with eval_capacity_factor f; None: no limit
+    assert SwitchMoE(4, 4, 3, capacity_factor=1.25).train().router.capacity(10) == 4
+    assert SwitchMoE(4, 4, 3, capacity_factor=1.25).eval().router.capacity(10) is None
+    assert SwitchMoE(4, 4, 3).train().router.capacity(10) is None
+    assert SwitchMoE(4, 4, 3, eval_capacity_factor=0.25).eval().router.capacity(10) == 3
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 def test_capacity_drops_late_tokens_to_zero(impl):
     torch.manual_seed(0)
-    layer = SwitchMoE(2, 2, 4, capacity_factor=1.0, impl=impl).eval()
+    # training mode: in eval, capacity_factor sets no limit (eval_capacity_factor does)
+    layer = SwitchMoE(2, 2, 4, capacity_factor=1.0, impl=impl).train()
     with torch.no_grad():
         # positive first-layer weights: every routed token has a nonzero expert output
-        layer.w1.abs_()
+        layer.experts.w1.abs_()
     # capacity ceil(1.0 * 7 / 2) = 4: expert 0 gets 6 tokens (2 dropped), expert 1 gets 1
     experts = [0, 0, 1, 0, 0, 0, 0]
     x = _routed_to(layer, experts)
@@ -65,7 +81,7 @@ def test_capacity_drops_late_tokens_to_zero(impl):
     assert layer.routing_stats.dropped == 2
     assert layer.routing_stats.expert_counts.tolist() == [6, 1]
     assert (y[5:] == 0).all()
-    uncapped = SwitchMoE(2, 2, 4, impl=impl).eval()
+    uncapped = SwitchMoE(2, 2, 4, impl=impl).train()
     uncapped.load_state_dict(layer.state_dict())
     y_uncapped = uncapped(x)
     torch.testing.assert_close(y[:5], y_uncapped[:5])
@@ -77,10 +93,10 @@ def test_output_is_router_probability_times_expert():
     torch.manual_seed(0)
     layer = SwitchMoE(5, 3, 4).double().eval()
     x = torch.randn(6, 5, dtype=torch.float64)
-    p = torch.softmax(x @ layer.gate.t(), -1)
+    p = torch.softmax(x @ layer.router.gate.t(), -1)
     for t in range(6):
         e = int(p[t].argmax())
-        expected = p[t, e] * torch.relu(x[t] @ layer.w1[e]) @ layer.w2[e]
+        expected = p[t, e] * torch.relu(x[t] @ layer.experts.w1[e]) @ layer.experts.w2[e]
         torch.testing.assert_close(layer(x)[t], expected)
 
 
@@ -107,6 +123,7 @@ def test_balance_loss_is_one_at_perfect_balance():
         (dict(n_experts=0), "n_experts"),
         (dict(expert_size=0), "expert_size"),
         (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(eval_capacity_factor=-1.0), "eval_capacity_factor"),
         (dict(load_balance_weight=-1.0), "load_balance_weight"),
         (dict(balance_variant="gshard"), "balance_variant"),
         (dict(activation="elu"), "activation"),

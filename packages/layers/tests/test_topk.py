@@ -41,7 +41,7 @@ def test_fast_matches_reference(
 
 
 def _as_dense(layer):
-    dense = DenseFFN(layer.d_model, layer.d_ff).double()
+    dense = DenseFFN(layer.config.d_model, layer.config.d_ff).double()
     with torch.no_grad():
         dense.fc1.weight.copy_(layer.w1)
         dense.fc1.bias.copy_(layer.b1)

@@ -1,4 +1,22 @@
-"""The one convention every layer in moe_layers follows for auxiliary losses and routing statistics.
+"""The contract every layer in moe_layers follows: configuration, forward, auxiliary losses, statistics.
+
+Shapes: T tokens, D = d_model, E experts, G expert width, K slots per token.
+
+Config objects
+    Every layer class L has `L.Config`, a frozen keyword-only dataclass whose fields are exactly L's
+    constructor arguments (same names, defaults and order; `inspect.signature(L)` is made from it).
+    `L(*args, **kwargs)` binds its arguments to `L.Config` (the fields named in `Config.positional`
+    may be given positionally), which validates every option in its `__post_init__`, and keeps it as
+    `layer.config`; the layer builds its parameters from that. `cfg.build()` and
+    `L.from_config(cfg)` give the same layer. `cfg.parameter_count()` counts the layer's
+    parameters without building it.
+
+Forward
+    Every layer (a `MoEModule`) is called as `layer(x, *, token_ids=None)`, x [..., d_model] -> y of
+    the same shape. `MoEModule.forward` checks x's last dimension and token_ids (shape x.shape[:-1],
+    an integer dtype), clears the auxiliary losses and calls `forward_batch`, which by default
+    flattens to tokens and calls `forward_tokens(x_TD, token_ids_T)`. Layers that do not route by
+    token id ignore token_ids.
 
 Auxiliary losses
     A layer records its auxiliary (regularisation) losses during each forward pass in training mode,
@@ -12,11 +30,22 @@ Routing statistics
     A routed layer records a `RoutingStats` (detached, no gradient) on every forward pass, in training
     and eval, with `self.record_routing_stats(...)`. `collect_routing_stats(model)` returns them keyed by
     the qualified module name.
+
+Routed layers
+    A `RoutedMoE` holds a `router` (a `Router`: x_TD, token_ids_T -> `Routing`) and `experts` (an
+    `Experts`: the E two-layer MLPs); its forward is routing = router(x), record the routing's
+    auxiliary losses and statistics, y = experts(x, routing.idx_TK, routing.gates_TK).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import moe_kernels
 import torch
@@ -25,6 +54,178 @@ from torch.nn import functional as F
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 IMPLS = ("fast", "reference")
+
+
+def check_option(config: Any, names: Iterable[str], ok: Callable[[Any], bool], requirement: str):
+    """Raises ValueError naming the first of `names` whose value on `config` fails `ok`."""
+    for name in names:
+        value = getattr(config, name)
+        if not ok(value):
+            raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_sizes(config, *names: str) -> None:
+    check_option(config, names, lambda v: is_int(v) and v > 0, "a positive int")
+
+
+def check_probabilities(config, *names: str) -> None:
+    """Dropout-like rates: in [0, 1)."""
+    check_option(config, names, lambda v: is_finite(v) and 0 <= v < 1, "a number in [0, 1)")
+
+
+def check_non_negative(config, *names: str) -> None:
+    check_option(config, names, lambda v: is_finite(v) and v >= 0, "a finite number >= 0")
+
+
+def check_positive_or_none(config, *names: str) -> None:
+    check_option(config, names, lambda v: v is None or (is_finite(v) and v > 0), "None or > 0")
+
+
+def check_bools(config, *names: str) -> None:
+    check_option(config, names, lambda v: isinstance(v, bool), "True or False")
+
+
+def check_choice(config, name: str, choices) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}"
+        )
+
+
+def check_at_most(config, name: str, limit: int, limit_name: str) -> None:
+    value = getattr(config, name)
+    if value > limit:
+        raise ValueError(f"{name} must be at most {limit_name} ({limit}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """total: parameters of the layer (a tied one counted once); active: those one token's output
+    uses (the router and the experts it selects, for a routed layer)."""
+
+    total: int
+    active: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModuleConfig:
+    """Base of every Config: the fields are the module's constructor arguments.
+
+    positional: the fields that may be given positionally to the constructor, in order (they must
+        come first among the fields). layer_class: the module class, set when the class is defined.
+    """
+
+    positional: ClassVar[tuple[str, ...]] = ()
+    layer_class: ClassVar[type | None] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def build(self) -> nn.Module:
+        if self.layer_class is None:
+            raise TypeError(f"{type(self).__qualname__} is not the Config of a layer class")
+        return self.layer_class(**self.to_dict())
+
+    def parameter_count(self) -> ParameterCount:
+        """Built on the meta device (no memory), every parameter counted as active; the layers here
+        count analytically instead."""
+        with torch.device("meta"):
+            n = sum(p.numel() for p in self.build().parameters())
+        return ParameterCount(total=n, active=n)
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        params = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD
+                if f.name in cls.positional
+                else inspect.Parameter.KEYWORD_ONLY,
+                default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
+                annotation=f.type,
+            )
+            for f in dataclasses.fields(cls)
+        ]
+        return inspect.Signature(params)
+
+    @classmethod
+    def from_args(cls, *args, **kwargs) -> ModuleConfig:
+        """The config of a constructor call `L(*args, **kwargs)` (TypeError as Python gives it)."""
+        try:
+            arguments = cls.signature().bind(*args, **kwargs).arguments
+        except TypeError as err:
+            raise TypeError(f"{cls.__qualname__.removesuffix('.Config')}(): {err}") from None
+        return cls(**arguments)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerConfig(ModuleConfig):
+    """Base of the Config of every layer following the contract: a layer of width d_model."""
+
+    positional: ClassVar[tuple[str, ...]] = ("d_model",)
+    d_model: int
+
+    def __post_init__(self) -> None:
+        check_sizes(self, "d_model")
+
+
+class _ConfigSignature:
+    """`inspect.signature(L)` is L.Config's fields; an instance keeps the signature of its call."""
+
+    def __get__(self, obj, cls):
+        if obj is not None or cls.Config is None:
+            raise AttributeError("__signature__")
+        return cls.Config.signature()
+
+
+class ConfiguredModule(nn.Module):
+    """A module whose constructor arguments are the fields of its `Config` (see the module doc).
+
+    A subclass defines `Config` (a frozen kw_only dataclass, subclass of ModuleConfig) and builds
+    itself from `self.config` after `super().__init__(*args, **kwargs)`.
+    """
+
+    Config: ClassVar[type[ModuleConfig] | None] = None
+    __signature__ = _ConfigSignature()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        config = cls.__dict__.get("Config")
+        if config is None:
+            return
+        if config.layer_class is not None:
+            raise TypeError(
+                f"{cls.__name__}.Config is already the Config of {config.layer_class.__name__}"
+            )
+        config.layer_class = cls
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        if self.Config is None:
+            if args or kwargs:
+                raise TypeError(f"{type(self).__name__} has no Config to take arguments")
+            self.config = None
+        else:
+            self.config = self.Config.from_args(*args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: ModuleConfig):
+        if cls.Config is None or not isinstance(config, cls.Config):
+            raise TypeError(f"{cls.__name__}.from_config needs a {cls.__name__}.Config")
+        return cls(**config.to_dict())
 
 
 @dataclass(frozen=True)
@@ -61,13 +262,46 @@ class RoutingStats:
         return self.expert_counts.float() / total.clamp(min=1)
 
 
-class MoEModule(nn.Module):
-    """Base of every layer here: holds the latest forward pass's auxiliary losses and statistics."""
+class MoEModule(ConfiguredModule):
+    """Base of every layer here: the forward contract, and the latest forward pass's auxiliary
+    losses and routing statistics.
 
-    def __init__(self) -> None:
-        super().__init__()
+    A layer's Config subclasses LayerConfig (so it has d_model). A layer implements
+    `forward_tokens(x_TD, token_ids_T) -> y_TD` or, if it needs the batch's shape (SMoE mixes
+    along the sequence), `forward_batch(x, token_ids)`.
+    """
+
+    Config: ClassVar[type[LayerConfig] | None] = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._aux_losses: dict[str, Tensor] = {}
         self._routing_stats: RoutingStats | None = None
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None) -> Tensor:
+        d_model = self.config.d_model
+        if x.dim() == 0 or x.shape[-1] != d_model:
+            raise ValueError(
+                f"x must have last dimension d_model={d_model}, got shape {tuple(x.shape)}"
+            )
+        if token_ids is not None:
+            if token_ids.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
+                    f"got {tuple(token_ids.shape)}"
+                )
+            if not is_integer_dtype(token_ids.dtype):
+                raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        self._aux_losses = {}
+        return self.forward_batch(x, token_ids)
+
+    def forward_batch(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
+        """x [..., D] -> [..., D]; by default each token on its own, through forward_tokens."""
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        return self.forward_tokens(x.reshape(-1, x.shape[-1]), ids_T).reshape(x.shape)
+
+    def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} implements no forward_tokens")
 
     def record_aux_loss(self, name: str, value: Tensor) -> None:
         self._aux_losses[name] = value
@@ -96,9 +330,6 @@ class MoEModule(nn.Module):
             dropped_count=torch.as_tensor(dropped, device=expert_counts.device).detach(),
             entropy_nats=entropy,
         )
-
-    def _start_forward(self) -> None:
-        self._aux_losses = {}
 
     @property
     def aux_losses(self) -> dict[str, Tensor]:
@@ -135,24 +366,44 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def check_positive(**options: int | float) -> None:
-    for name, value in options.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+@dataclass(frozen=True)
+class Routing:
+    """What a router decided for T tokens.
+
+    idx_TK: the K experts of each token; gates_TK: their weights (0 for a slot dropped by a
+    capacity limit); counts_E: assignments per expert before dropping; dropped: assignments
+    dropped (int or 0-dim tensor); probs_TE: each token's selection distribution over the experts,
+    for the routing entropy (None: the entropy of counts_E); aux_losses: {name: weighted loss}.
+    """
+
+    idx_TK: Tensor
+    gates_TK: Tensor
+    counts_E: Tensor
+    dropped: Tensor | int = 0
+    probs_TE: Tensor | None = None
+    aux_losses: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
 
-def check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}"
-        )
+class Router(nn.Module):
+    """Chooses the experts of each token: `router(x_TD, token_ids_T) -> Routing`."""
+
+    def __init__(self, n_experts: int) -> None:
+        super().__init__()
+        self.n_experts = n_experts
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        raise NotImplementedError(f"{type(self).__name__} implements no forward")
 
 
-def check_probability(**options: float) -> None:
-    """Dropout-like rates: in [0, 1)."""
-    for name, value in options.items():
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+class LinearRouter(Router):
+    """A router scoring the experts by x @ gate.T, gate [E, D] (initialised by the layer)."""
+
+    def __init__(self, d_model: int, n_experts: int) -> None:
+        super().__init__(n_experts)
+        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        return x_TD @ self.gate.t()
 
 
 def reference_expert_mlp(
@@ -176,16 +427,16 @@ def reference_expert_mlp(
     return y_TD
 
 
-class RoutedExperts(MoEModule):
-    """Base of the layers whose experts are two-layer MLPs `act(x @ w1[e]) @ w2[e]`.
+class Experts(nn.Module):
+    """E two-layer MLPs `act(x @ w1[e]) @ w2[e]`: `experts(x_TD, idx_TK, gates_TK) -> y_TD`,
+    y[t] = sum_k gates[t, k] * expert_{idx[t, k]}(x[t]).
 
-    A subclass routes each token to K experts (idx [T, K], gates [T, K]; a slot dropped by a capacity
-    limit has gate 0) and calls `self.expert_forward`. `impl="fast"` runs moe_kernels.expert_mlp,
-    `impl="reference"` the loop over experts above; `ExpertParallel` replaces `expert_forward` to
-    shard the experts across ranks.
-
+    impl: "fast" runs moe_kernels.expert_mlp, "reference" the loop over experts above.
     hidden_dropout: dropout on the expert hidden activations in training (the σ-MoE code's
-    `dropout`); the fast path then runs the two expert matmuls separately, since expert_mlp fuses them.
+        `dropout`); the fast path then runs the two expert matmuls separately, since expert_mlp
+        fuses them.
+    The arguments come from a layer's validated Config; parameters are left uninitialised for the
+    layer to initialise. Parameters: w1 [E, D, G], w2 [E, G, D].
     """
 
     def __init__(
@@ -193,22 +444,18 @@ class RoutedExperts(MoEModule):
         d_model: int,
         n_experts: int,
         expert_size: int,
-        activation: str,
-        impl: str,
+        *,
+        activation: str = "relu",
         hidden_dropout: float = 0.0,
+        impl: str = "fast",
     ) -> None:
         super().__init__()
-        check_positive(d_model=d_model, n_experts=n_experts, expert_size=expert_size)
-        check_choice("activation", activation, ACTIVATIONS)
-        check_choice("impl", impl, IMPLS)
-        check_probability(dropout=hidden_dropout)
         self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
-        self.activation, self.impl = activation, impl
-        self.hidden_dropout = hidden_dropout
+        self.activation, self.hidden_dropout, self.impl = activation, hidden_dropout, impl
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
 
-    def expert_forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
         p = self.hidden_dropout if self.training else 0.0
         # autocast does not reach inside the expert kernels: cast to its dtype here, so that under
         # bf16/fp16 autocast the experts run in low precision like any matmul of the model
@@ -223,3 +470,55 @@ class RoutedExperts(MoEModule):
             u_TKG = ACTIVATIONS[self.activation](moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK))
             return moe_kernels.expert_matmul(F.dropout(u_TKG, p), w2_EGD, idx_TK, gates_TK)
         return moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation)
+
+
+def routed_parameter_count(
+    d_model: int, n_experts: int, expert_size: int, slots: int, gate: bool = True
+) -> ParameterCount:
+    """A routed layer's count: a gate [E, D] (if any) and E experts, `slots` of them per token."""
+    router = n_experts * d_model if gate else 0
+    expert = 2 * d_model * expert_size
+    return ParameterCount(total=router + n_experts * expert, active=router + slots * expert)
+
+
+class RoutedMoE(MoEModule):
+    """Base of the layers that route each token to K of E expert MLPs.
+
+    `__init__` builds `self.experts` (`build_experts`: from the Config's d_model, n_experts,
+    expert_size, activation, dropout and impl), then `self.router` (`build_router`), then calls
+    `reset_parameters`. forward: routing = router(x_TD, token_ids_T); its auxiliary losses and
+    statistics are recorded; y = experts(x_TD, routing.idx_TK, routing.gates_TK).
+    `ExpertParallel` shards `experts` across ranks.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.experts = self.build_experts()
+        self.router = self.build_router()
+        self.reset_parameters()
+
+    def build_experts(self) -> Experts:
+        c = self.config
+        return Experts(
+            c.d_model,
+            c.n_experts,
+            c.expert_size,
+            activation=c.activation,
+            hidden_dropout=c.dropout,
+            impl=c.impl,
+        )
+
+    def build_router(self) -> Router:
+        raise NotImplementedError(f"{type(self).__name__} implements no build_router")
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} implements no reset_parameters")
+
+    def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
+        routing = self.router(x_TD, token_ids_T)
+        for name, loss in routing.aux_losses.items():
+            self.record_aux_loss(name, loss)
+        self.record_routing_stats(
+            routing.counts_E, x_TD.shape[0], routing.probs_TE, routing.dropped
+        )
+        return self.experts(x_TD, routing.idx_TK, routing.gates_TK)

@@ -11,11 +11,24 @@ applies the LN) this layer returns the routed part σ(x.c_e) FFN_e(x).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
+from moe_layers.base import (
+    ACTIVATIONS,
+    IMPLS,
+    LayerConfig,
+    LinearRouter,
+    ParameterCount,
+    RoutedMoE,
+    Routing,
+    check_choice,
+    check_probabilities,
+    check_sizes,
+    routed_parameter_count,
+)
 from moe_layers.gshard import init_ffn_experts
 
 
@@ -86,55 +99,69 @@ def balanced_assignment(
 ROUTINGS = ("balanced", "greedy")
 
 
-class BaseLayer(RoutedExperts):
-    """BASE layer as an FFN replacement: y = layer(x), x and y [..., d_model]; top-1 routing.
+class BalancedAssignmentRouter(LinearRouter):
+    """Top-1 by affinity x . c_e (c = `gate`, the centroids), gated by σ(x . c_e).
 
-    In training each token goes to the expert of the balanced assignment maximising the total
-    affinity x.c_e (experts hold at most ceil(T/E) tokens, T the tokens of the call; the assignment
-    carries no gradient); in eval mode to argmax_e x.c_e. The expert output is scaled by σ(x.c_e),
-    through which the centroids c (`gate`) learn. No auxiliary loss.
-
-    train_routing: "balanced" (the paper) or "greedy" (argmax in training too, an ablation).
-    dropout, activation, n_layers (init scale), impl: as for GShardMoE. Centroids are initialised
-    orthogonal with gain 0.1 (fairseq's BASE layer).
-
-    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model] (the centroids).
-    Accepts and ignores `token_ids`.
+    train_routing: "balanced" (in training, the balanced assignment; eval is greedy) or "greedy".
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        expert_size: int,
-        *,
-        train_routing: str = "balanced",
-        dropout: float = 0.0,
-        activation: str = "relu",
-        n_layers: int = 1,
-        impl: str = "fast",
-    ) -> None:
-        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
-        check_choice("train_routing", train_routing, ROUTINGS)
-        check_positive(n_layers=n_layers)
-        check_probability(dropout=dropout)
+    def __init__(self, d_model: int, n_experts: int, *, train_routing: str) -> None:
+        super().__init__(d_model, n_experts)
         self.train_routing = train_routing
-        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
-        init_ffn_experts(self, n_layers)
-        nn.init.orthogonal_(self.gate, gain=0.1)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        self._start_forward()
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got {x.shape}")
-        x_TD = x.reshape(-1, self.d_model)
-        affinity_TE = x_TD @ self.gate.t()
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        affinity_TE = self.logits(x_TD)
         if self.training and self.train_routing == "balanced":
             e_T = balanced_assignment(affinity_TE)
         else:
             e_T = affinity_TE.detach().argmax(-1)
         idx_TK = e_T[:, None]
         gates_TK = torch.sigmoid(affinity_TE.gather(1, idx_TK))
-        counts_E = torch.bincount(e_T, minlength=self.n_experts)
-        self.record_routing_stats(counts_E, x_TD.shape[0])
-        return self.expert_forward(x_TD, idx_TK, gates_TK).reshape(x.shape)
+        return Routing(idx_TK, gates_TK, torch.bincount(e_T, minlength=self.n_experts))
+
+
+class BaseLayer(RoutedMoE):
+    """BASE layer as an FFN replacement: y = layer(x), x and y [..., d_model]; top-1 routing.
+
+    In training each token goes to the expert of the balanced assignment maximising the total
+    affinity x.c_e (experts hold at most ceil(T/E) tokens, T the tokens of the call; the assignment
+    carries no gradient); in eval mode to argmax_e x.c_e. The expert output is scaled by σ(x.c_e),
+    through which the centroids c (`router.gate`) learn. No auxiliary loss.
+
+    train_routing: "balanced" (the paper) or "greedy" (argmax in training too, an ablation).
+    dropout, activation, n_layers (init scale), impl: as for GShardMoE. Centroids are initialised
+    orthogonal with gain 0.1 (fairseq's BASE layer).
+
+    Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model]
+    (the centroids). Ignores `token_ids`.
+    """
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_experts", "expert_size")
+        n_experts: int
+        expert_size: int
+        train_routing: str = "balanced"
+        dropout: float = 0.0
+        activation: str = "relu"
+        n_layers: int = 1
+        impl: str = "fast"
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "n_experts", "expert_size", "n_layers")
+            check_choice(self, "train_routing", ROUTINGS)
+            check_probabilities(self, "dropout")
+            check_choice(self, "activation", ACTIVATIONS)
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
+
+    def build_router(self) -> BalancedAssignmentRouter:
+        c = self.config
+        return BalancedAssignmentRouter(c.d_model, c.n_experts, train_routing=c.train_routing)
+
+    def reset_parameters(self) -> None:
+        init_ffn_experts(self.experts, self.config.n_layers)
+        nn.init.orthogonal_(self.router.gate, gain=0.1)

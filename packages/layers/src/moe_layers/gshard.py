@@ -9,24 +9,41 @@ GShard load-balancing loss l_aux = E * sum_e mean_t(g_te) * frac_e.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
+from moe_layers.base import (
+    ACTIVATIONS,
+    IMPLS,
+    Experts,
+    LayerConfig,
+    LinearRouter,
+    ParameterCount,
+    RoutedMoE,
+    Routing,
+    check_bools,
+    check_choice,
+    check_non_negative,
+    check_positive_or_none,
+    check_probabilities,
+    check_sizes,
+    routed_parameter_count,
+)
 
 SECOND_POLICIES = ("sampling", "all", "random")
 
 
-def init_ffn_experts(layer: RoutedExperts, n_layers: int) -> None:
+def init_ffn_experts(experts: Experts, n_layers: int) -> None:
     """Each expert initialised as a dense FFN of width G (pre-LN scale c = sqrt(2/L)).
 
     w1 ~ N(0, c²/d_model), w2 ~ N(0, c²/G): fairseq's experts are whole FFNs, unlike σ-MoE's
     slices of one wide FFN.
     """
     c = math.sqrt(2.0 / n_layers)
-    nn.init.normal_(layer.w1, std=c * layer.d_model**-0.5)
-    nn.init.normal_(layer.w2, std=c * layer.expert_size**-0.5)
+    nn.init.normal_(experts.w1, std=c * experts.d_model**-0.5)
+    nn.init.normal_(experts.w2, std=c * experts.expert_size**-0.5)
 
 
 def gshard_capacity(n_tokens: int, n_experts: int, factor: float) -> int:
@@ -46,12 +63,12 @@ def slot_positions(mask_TE: Tensor, offset_E: Tensor) -> Tensor:
 
 def top2_gating(
     logits_TE: Tensor,
-    capacity: int,
+    capacity: int | None,
     second_policy: str,
     normalize_after_drop: bool,
     stochastic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Routes T tokens to 2 experts each under a per-expert capacity.
+    """Routes T tokens to 2 experts each under a per-expert capacity (None: no limit).
 
     `stochastic=False` makes the "sampling" and "random" policies pick the second expert as "all"
     does (no Gumbel noise, always kept), for deterministic evaluation.
@@ -59,7 +76,7 @@ def top2_gating(
     the softmax probs [T, E], the selection count per expert before dropping [E], and the number
     of dropped assignments.
     """
-    n_experts = logits_TE.shape[-1]
+    n_tokens, n_experts = logits_TE.shape
     # at least fp32 for the softmax (fairseq's fp32 gate), without demoting float64
     logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
     probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -85,8 +102,10 @@ def top2_gating(
     counts_E = (mask1_TE + mask2_TE).sum(0)
     pos1_T = slot_positions(mask1_TE, torch.zeros_like(counts_E))
     pos2_T = slot_positions(mask2_TE, mask1_TE.sum(0))
-    keep1_T = pos1_T < capacity
-    keep2_T = mask2_TE.sum(1).bool() & (pos2_T < capacity)
+    # no limit is a capacity of T: a token's two slots hold distinct experts
+    limit = n_tokens if capacity is None else capacity
+    keep1_T = pos1_T < limit
+    keep2_T = mask2_TE.sum(1).bool() & (pos2_T < limit)
     g1_T = g1_T * keep1_T
     g2_T = g2_T * keep2_T
     if normalize_after_drop:
@@ -112,82 +131,39 @@ def gshard_balance_loss(probs_TE: Tensor, idx_TK: Tensor) -> Tensor:
     return n_experts * (probs_TE.mean(0) * frac_E).sum()
 
 
-class GShardMoE(RoutedExperts):
-    """fairseq/GShard top-2 MoE feed-forward layer: y = layer(x), x and y [..., d_model].
-
-    second_policy: how the second expert is picked: "sampling" (argmax of logits + Gumbel noise,
-        i.e. sampled from the softmax without the top-1; fairseq's default), "all" (the second-best
-        logit), "random" (the second-best, kept with probability 2 * g_e2, GShard's rule). In eval
-        mode "sampling" and "random" act as "all" unless `stochastic_eval=True` (fairseq keeps
-        them stochastic in evaluation too).
-    capacity_factor: training capacity per expert C = ceil(capacity_factor * 2 * ceil(S/E)), S the
-        number of tokens in the call (fairseq: factor 1).
-    eval_capacity_factor: None uses the training formula in eval mode; a fraction f gives
-        C = ceil(f * S) (fairseq's moe_eval_capacity_token_fraction).
-    normalize_after_drop: renormalise the two gates over the kept slots after dropping (fairseq's
-        default); False normalises g1, g2 to sum 1 before dropping.
-    load_balance_weight: w; in training records w * l_aux as "gshard_balance" (fairseq further
-        multiplies by sample_size in its criterion; that scaling is the trainer's).
-    gate_noise: std of Gaussian noise added to the gate logits in training (0: off). fairseq's
-        top-2 gate has no such noise; this is the "optional gate noise" of the issue.
-    dropout: dropout on the expert hidden activations in training.
-    activation, n_layers (init scale), impl: as for SigmaMoE.
-
-    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model]; no biases. Each expert
-    is initialised as a dense FFN of width G (`init_ffn_experts`), the gate ~ N(0, 1/d_model).
-    Accepts and ignores `token_ids`, so that a model may call every FFN alike.
-    """
+class Top2Router(LinearRouter):
+    """fairseq's top-2 gate on x @ gate.T (see GShardMoE for the options)."""
 
     def __init__(
         self,
         d_model: int,
         n_experts: int,
-        expert_size: int,
         *,
-        second_policy: str = "sampling",
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float | None = None,
-        normalize_after_drop: bool = True,
-        load_balance_weight: float = 0.01,
-        gate_noise: float = 0.0,
-        stochastic_eval: bool = False,
-        dropout: float = 0.0,
-        activation: str = "relu",
-        n_layers: int = 1,
-        impl: str = "fast",
+        second_policy: str,
+        capacity_factor: float | None,
+        eval_capacity_factor: float | None,
+        normalize_after_drop: bool,
+        load_balance_weight: float,
+        gate_noise: float,
+        stochastic_eval: bool,
     ) -> None:
-        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
-        check_choice("second_policy", second_policy, SECOND_POLICIES)
-        check_positive(capacity_factor=capacity_factor, n_layers=n_layers)
-        if eval_capacity_factor is not None:
-            check_positive(eval_capacity_factor=eval_capacity_factor)
-        if load_balance_weight < 0:
-            raise ValueError(f"load_balance_weight must be >= 0, got {load_balance_weight!r}")
-        if gate_noise < 0:
-            raise ValueError(f"gate_noise must be >= 0, got {gate_noise!r}")
-        check_probability(dropout=dropout)
+        super().__init__(d_model, n_experts)
         self.second_policy = second_policy
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.normalize_after_drop = normalize_after_drop
-        self.load_balance_weight = load_balance_weight
-        self.gate_noise = gate_noise
+        self.load_balance_weight, self.gate_noise = load_balance_weight, gate_noise
         self.stochastic_eval = stochastic_eval
-        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
-        init_ffn_experts(self, n_layers)
-        nn.init.normal_(self.gate, std=d_model**-0.5)
 
-    def capacity(self, n_tokens: int) -> int:
-        if self.training or self.eval_capacity_factor is None:
-            return gshard_capacity(n_tokens, self.n_experts, self.capacity_factor)
-        return math.ceil(self.eval_capacity_factor * n_tokens)
+    def capacity(self, n_tokens: int) -> int | None:
+        """Assignments each expert takes from a call of n_tokens; None: no limit."""
+        if self.training:
+            f = self.capacity_factor
+            return None if f is None else gshard_capacity(n_tokens, self.n_experts, f)
+        f = self.eval_capacity_factor
+        return None if f is None else math.ceil(f * n_tokens)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        self._start_forward()
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got {x.shape}")
-        x_TD = x.reshape(-1, self.d_model)
-        logits_TE = x_TD @ self.gate.t()
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
         if self.training and self.gate_noise > 0:
             logits_TE = logits_TE + self.gate_noise * torch.randn_like(logits_TE)
         idx_TK, gates_TK, probs_TE, counts_E, dropped = top2_gating(
@@ -197,9 +173,91 @@ class GShardMoE(RoutedExperts):
             self.normalize_after_drop,
             stochastic=self.training or self.stochastic_eval,
         )
+        aux = {}
         if self.training and self.load_balance_weight > 0 and x_TD.shape[0] > 0:
             loss = gshard_balance_loss(probs_TE, idx_TK)
-            self.record_aux_loss("gshard_balance", self.load_balance_weight * loss)
-        self.record_routing_stats(counts_E, x_TD.shape[0], probs_TE.detach(), dropped)
-        y_TD = self.expert_forward(x_TD, idx_TK, gates_TK.to(x_TD.dtype))
-        return y_TD.reshape(x.shape)
+            aux["gshard_balance"] = self.load_balance_weight * loss
+        return Routing(idx_TK, gates_TK, counts_E, dropped, probs_TE.detach(), aux)
+
+
+class GShardMoE(RoutedMoE):
+    """fairseq/GShard top-2 MoE feed-forward layer: y = layer(x), x and y [..., d_model].
+
+    second_policy: how the second expert is picked: "sampling" (argmax of logits + Gumbel noise,
+        i.e. sampled from the softmax without the top-1; fairseq's default), "all" (the second-best
+        logit), "random" (the second-best, kept with probability 2 * g_e2, GShard's rule). In eval
+        mode "sampling" and "random" act as "all" unless `stochastic_eval=True` (fairseq keeps
+        them stochastic in evaluation too).
+    capacity_factor: in training, None (no capacity limit: no assignment dropped) or a positive
+        float f: each expert takes at most C = ceil(f * 2 * ceil(S/E)) assignments, S the number
+        of tokens in the call (f = 1 is fairseq's training capacity), all top-1 assignments
+        queued in token order before any second one.
+    eval_capacity_factor: in eval mode, None (default: no capacity limit, so that routing is
+        token-local: evaluation is causal and independent of batch-mates and padding) or a
+        positive float f: C = ceil(f * S) with the training queue order (fairseq's
+        moe_eval_capacity_token_fraction). The latter is not causal: as every top-1 assignment
+        queues before any second one, a later token can push an earlier token's second expert
+        out of its buffer.
+    normalize_after_drop: renormalise the two gates over the kept slots after dropping (fairseq's
+        default); False normalises g1, g2 to sum 1 before dropping.
+    load_balance_weight: w; in training records w * l_aux as "gshard_balance" (fairseq further
+        multiplies by sample_size in its criterion; that scaling is the trainer's).
+    gate_noise: std of Gaussian noise added to the gate logits in training (0: off). fairseq's
+        top-2 gate has no such noise; this is the "optional gate noise" of the issue.
+    dropout: dropout on the expert hidden activations in training.
+    activation, n_layers (init scale), impl: as for SigmaMoE.
+
+    Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model];
+    no biases. Each expert is initialised as a dense FFN of width G (`init_ffn_experts`), the gate
+    ~ N(0, 1/d_model). Ignores `token_ids`.
+    """
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_experts", "expert_size")
+        n_experts: int
+        expert_size: int
+        second_policy: str = "sampling"
+        capacity_factor: float | None = 1.0
+        eval_capacity_factor: float | None = None
+        normalize_after_drop: bool = True
+        load_balance_weight: float = 0.01
+        gate_noise: float = 0.0
+        stochastic_eval: bool = False
+        dropout: float = 0.0
+        activation: str = "relu"
+        n_layers: int = 1
+        impl: str = "fast"
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "n_experts", "expert_size", "n_layers")
+            check_choice(self, "second_policy", SECOND_POLICIES)
+            check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
+            check_bools(self, "normalize_after_drop", "stochastic_eval")
+            check_non_negative(self, "load_balance_weight", "gate_noise")
+            check_probabilities(self, "dropout")
+            check_choice(self, "activation", ACTIVATIONS)
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            slots = min(2, self.n_experts)
+            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, slots)
+
+    def build_router(self) -> Top2Router:
+        c = self.config
+        return Top2Router(
+            c.d_model,
+            c.n_experts,
+            second_policy=c.second_policy,
+            capacity_factor=c.capacity_factor,
+            eval_capacity_factor=c.eval_capacity_factor,
+            normalize_after_drop=c.normalize_after_drop,
+            load_balance_weight=c.load_balance_weight,
+            gate_noise=c.gate_noise,
+            stochastic_eval=c.stochastic_eval,
+        )
+
+    def reset_parameters(self) -> None:
+        init_ffn_experts(self.experts, self.config.n_layers)
+        nn.init.normal_(self.router.gate, std=self.config.d_model**-0.5)

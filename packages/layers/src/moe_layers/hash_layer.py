@@ -6,10 +6,26 @@ a buffer (so checkpoints carry it). No gate, no auxiliary loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
+from moe_layers.base import (
+    ACTIVATIONS,
+    IMPLS,
+    LayerConfig,
+    ParameterCount,
+    RoutedMoE,
+    Router,
+    Routing,
+    check_choice,
+    check_option,
+    check_probabilities,
+    check_sizes,
+    is_int,
+    routed_parameter_count,
+)
 from moe_layers.gshard import init_ffn_experts
 
 HASHES = ("random", "balanced")
@@ -27,68 +43,76 @@ def hash_table(vocab_size: int, n_experts: int, seed: int, kind: str) -> Tensor:
     return table
 
 
-class HashLayer(RoutedExperts):
-    """Hash-routed top-1 MoE feed-forward layer: y = layer(x, token_ids=ids).
+class HashRouter(Router):
+    """Token id t -> expert table[t], gate 1. Buffer: table [vocab_size]."""
 
-    x [..., d_model]; token_ids int [...] (x.shape[:-1]) in [0, vocab_size): the ids of the input
-    tokens at those positions (Roller et al. hash the current token). The expert output is not
-    gated (weight 1).
-
-    hash: "random" (the paper's Random Hash) or "balanced" (each expert gets the same number of
-        vocabulary ids).
-    dropout, activation, n_layers (init scale), impl: as for GShardMoE.
-
-    Parameters: w1 [E, d_model, G], w2 [E, G, d_model]; buffer `table` [vocab_size].
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        expert_size: int,
-        *,
-        vocab_size: int,
-        seed: int = 0,
-        hash: str = "random",
-        dropout: float = 0.0,
-        activation: str = "relu",
-        n_layers: int = 1,
-        impl: str = "fast",
-    ) -> None:
-        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
-        check_positive(vocab_size=vocab_size, n_layers=n_layers)
-        check_choice("hash", hash, HASHES)
-        check_probability(dropout=dropout)
+    def __init__(self, n_experts: int, *, vocab_size: int, seed: int, hash: str) -> None:
+        super().__init__(n_experts)
         self.vocab_size = vocab_size
         self.register_buffer("table", hash_table(vocab_size, n_experts, seed, hash))
-        init_ffn_experts(self, n_layers)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        self._start_forward()
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got {x.shape}")
-        if token_ids is None:
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        if token_ids_T is None:
             raise ValueError(
                 "HashLayer routes by token id: call it as layer(x, token_ids=ids), "
                 "ids of shape x.shape[:-1]"
             )
-        if token_ids.shape != x.shape[:-1]:
-            raise ValueError(
-                f"token_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
-                f"got {tuple(token_ids.shape)}"
-            )
-        if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
-            raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-        ids_T = token_ids.reshape(-1).long()
+        ids_T = token_ids_T.long()
         if ids_T.numel() and (int(ids_T.min()) < 0 or int(ids_T.max()) >= self.vocab_size):
             raise ValueError(
                 f"token_ids must lie in [0, vocab_size={self.vocab_size}), "
                 f"got values in [{int(ids_T.min())}, {int(ids_T.max())}]"
             )
-        x_TD = x.reshape(-1, self.d_model)
         idx_TK = self.table[ids_T][:, None]
-        gates_TK = x_TD.new_ones(idx_TK.shape)
-        self.record_routing_stats(
-            torch.bincount(idx_TK[:, 0], minlength=self.n_experts), len(ids_T)
-        )
-        return self.expert_forward(x_TD, idx_TK, gates_TK).reshape(x.shape)
+        counts_E = torch.bincount(idx_TK[:, 0], minlength=self.n_experts)
+        return Routing(idx_TK, x_TD.new_ones(idx_TK.shape), counts_E)
+
+
+class HashLayer(RoutedMoE):
+    """Hash-routed top-1 MoE feed-forward layer: y = layer(x, token_ids=ids).
+
+    x [..., d_model]; token_ids int [...] (x.shape[:-1]) in [0, vocab_size), required: the ids of
+    the input tokens at those positions (Roller et al. hash the current token). The expert output
+    is not gated (weight 1).
+
+    hash: "random" (the paper's Random Hash) or "balanced" (each expert gets the same number of
+        vocabulary ids). seed: of the table.
+    dropout, activation, n_layers (init scale), impl: as for GShardMoE.
+
+    Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model]; buffer router.table
+    [vocab_size].
+    """
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_experts", "expert_size")
+        n_experts: int
+        expert_size: int
+        vocab_size: int
+        seed: int = 0
+        hash: str = "random"
+        dropout: float = 0.0
+        activation: str = "relu"
+        n_layers: int = 1
+        impl: str = "fast"
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "n_experts", "expert_size", "vocab_size", "n_layers")
+            check_option(self, ["seed"], is_int, "an int")
+            check_choice(self, "hash", HASHES)
+            check_probabilities(self, "dropout")
+            check_choice(self, "activation", ACTIVATIONS)
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            return routed_parameter_count(
+                self.d_model, self.n_experts, self.expert_size, 1, gate=False
+            )
+
+    def build_router(self) -> HashRouter:
+        c = self.config
+        return HashRouter(c.n_experts, vocab_size=c.vocab_size, seed=c.seed, hash=c.hash)
+
+    def reset_parameters(self) -> None:
+        init_ffn_experts(self.experts, self.config.n_layers)

@@ -9,12 +9,21 @@ together (softmax in the original PKM, ReLU in the paper's variant). Values are 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moe_layers.base import IMPLS, MoEModule, check_choice, check_positive
+from moe_layers.base import (
+    IMPLS,
+    LayerConfig,
+    MoEModule,
+    ParameterCount,
+    check_at_most,
+    check_choice,
+    check_sizes,
+)
 
 PKM_ACTIVATIONS = ("softmax", "relu")
 VALUE_INITS = ("default", "dense")
@@ -49,6 +58,7 @@ def brute_force_topk(q1_THd, q2_THd, keys_H2Nd, knn: int) -> tuple[Tensor, Tenso
 class PKM(MoEModule):
     """Product-key memory FFN replacement: y = sum over selected values v of act(score_v) * v.
 
+    d_model: even (queries are split in halves).
     n_keys: sub-keys per half (n_keys² value rows of size d_model); n_heads; knn: values per head
         (knn <= n_keys²).
     activation: "softmax" (original PKM) or "relu" (the paper's variant), over all heads' scores.
@@ -57,61 +67,69 @@ class PKM(MoEModule):
         dense-equivalent init, `pkm.custom_init=5` in the authors' code).
     impl: "fast" (product-key selection, bag lookup) or "reference" (all n_keys² scores, gather).
     Parameters: keys [n_heads, 2, n_keys, d_model // 2], values [n_keys², d_model].
-    Routing statistics count how often each value row is read.
+    Routing statistics count how often each value row is read. Ignores `token_ids`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_keys: int,
-        n_heads: int = 4,
-        knn: int = 32,
-        *,
-        activation: str = "softmax",
-        n_layers: int = 1,
-        value_init: str = "default",
-        impl: str = "fast",
-    ) -> None:
-        super().__init__()
-        check_positive(d_model=d_model, n_keys=n_keys, n_heads=n_heads, knn=knn, n_layers=n_layers)
-        if d_model % 2:
-            raise ValueError(f"d_model must be even (queries are split in halves), got {d_model}")
-        if knn > n_keys**2:
-            raise ValueError(f"knn must be at most n_keys**2 ({n_keys**2}), got {knn}")
-        check_choice("activation", activation, PKM_ACTIVATIONS)
-        check_choice("value_init", value_init, VALUE_INITS)
-        check_choice("impl", impl, IMPLS)
-        self.d_model, self.n_keys, self.n_heads, self.knn = d_model, n_keys, n_heads, knn
-        self.activation, self.impl = activation, impl
-        c = math.sqrt(2.0 / n_layers)
-        n_values = n_keys**2
-        value_std = c / math.sqrt(d_model if value_init == "default" else n_values)
-        self.keys = nn.Parameter(
-            torch.randn(n_heads, 2, n_keys, d_model // 2) * (c / math.sqrt(d_model))
-        )
-        self.values = nn.Parameter(torch.randn(n_values, d_model) * value_std)
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_keys", "n_heads", "knn")
+        n_keys: int
+        n_heads: int = 4
+        knn: int = 32
+        activation: str = "softmax"
+        n_layers: int = 1
+        value_init: str = "default"
+        impl: str = "fast"
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._start_forward()
-        x_TD = x.reshape(-1, self.d_model)
-        T, half = x_TD.shape[0], self.d_model // 2
-        q1_THd = x_TD[:, None, :half].expand(T, self.n_heads, half)
-        q2_THd = x_TD[:, None, half:].expand(T, self.n_heads, half)
-        select = brute_force_topk if self.impl == "reference" else product_key_topk
-        scores_THK, idx_THK = select(q1_THd, q2_THd, self.keys, self.knn)
-        scores_TN = scores_THK.reshape(T, self.n_heads * self.knn)
-        idx_TN = idx_THK.reshape(T, self.n_heads * self.knn)
-        if self.activation == "softmax":
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.d_model % 2:
+                raise ValueError(
+                    f"d_model must be even (queries are split in halves), got {self.d_model}"
+                )
+            check_sizes(self, "n_keys", "n_heads", "knn", "n_layers")
+            check_at_most(self, "knn", self.n_keys**2, "n_keys**2")
+            check_choice(self, "activation", PKM_ACTIVATIONS)
+            check_choice(self, "value_init", VALUE_INITS)
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            n_values = self.n_keys**2
+            keys = self.n_heads * 2 * self.n_keys * (self.d_model // 2)
+            read = min(self.n_heads * self.knn, n_values)
+            return ParameterCount(
+                total=keys + n_values * self.d_model, active=keys + read * self.d_model
+            )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.config
+        scale = math.sqrt(2.0 / c.n_layers)
+        n_values = c.n_keys**2
+        value_std = scale / math.sqrt(c.d_model if c.value_init == "default" else n_values)
+        self.keys = nn.Parameter(
+            torch.randn(c.n_heads, 2, c.n_keys, c.d_model // 2) * (scale / math.sqrt(c.d_model))
+        )
+        self.values = nn.Parameter(torch.randn(n_values, c.d_model) * value_std)
+
+    def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
+        c = self.config
+        T, half = x_TD.shape[0], c.d_model // 2
+        q1_THd = x_TD[:, None, :half].expand(T, c.n_heads, half)
+        q2_THd = x_TD[:, None, half:].expand(T, c.n_heads, half)
+        select = brute_force_topk if c.impl == "reference" else product_key_topk
+        scores_THK, idx_THK = select(q1_THd, q2_THd, self.keys, c.knn)
+        scores_TN = scores_THK.reshape(T, c.n_heads * c.knn)
+        idx_TN = idx_THK.reshape(T, c.n_heads * c.knn)
+        if c.activation == "softmax":
             weights_TN = torch.softmax(scores_TN, dim=-1)
         else:
             weights_TN = F.relu(scores_TN)
         self.record_routing_stats(
-            torch.bincount(idx_TN.flatten(), minlength=self.n_keys**2), n_tokens=T
+            torch.bincount(idx_TN.flatten(), minlength=c.n_keys**2), n_tokens=T
         )
-        if self.impl == "reference":
-            y_TD = (weights_TN.unsqueeze(-1) * self.values[idx_TN]).sum(1)
-        else:
-            y_TD = F.embedding_bag(
-                idx_TN, self.values, per_sample_weights=weights_TN.to(self.values.dtype), mode="sum"
-            )
-        return y_TD.reshape(x.shape)
+        if c.impl == "reference":
+            return (weights_TN.unsqueeze(-1) * self.values[idx_TN]).sum(1)
+        return F.embedding_bag(
+            idx_TN, self.values, per_sample_weights=weights_TN.to(self.values.dtype), mode="sum"
+        )

@@ -7,11 +7,27 @@ Inference: plain top-K on the logits, sigmoid gates.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from moe_layers.base import RoutedExperts, check_positive, check_probability
-from moe_layers.sigma_moe import init_sigma_moe, negative_batch_entropy, sigmoid_topk
+import torch
+from torch import Tensor
+
+from moe_layers.base import (
+    ACTIVATIONS,
+    IMPLS,
+    LayerConfig,
+    ParameterCount,
+    RoutedMoE,
+    check_at_most,
+    check_choice,
+    check_non_negative,
+    check_option,
+    check_probabilities,
+    check_sizes,
+    is_int,
+    routed_parameter_count,
+)
+from moe_layers.sigma_moe import SigmoidTopKRouter, init_sigma_moe
 
 
 def sinkhorn_log(logits_TE: Tensor, n_iters: int) -> Tensor:
@@ -27,59 +43,66 @@ def sinkhorn_log(logits_TE: Tensor, n_iters: int) -> Tensor:
     return log_p_TE
 
 
-class SBaseMoE(RoutedExperts):
+class SinkhornRouter(SigmoidTopKRouter):
+    """σ-MoE's router, but in training the experts are ranked by Sinkhorn-balanced scores."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, *, sinkhorn_iters: int, **kwargs):
+        super().__init__(d_model, n_experts, k, **kwargs)
+        self.sinkhorn_iters = sinkhorn_iters
+
+    def selection_scores(self, logits_TE: Tensor) -> Tensor:
+        if self.training:
+            return sinkhorn_log(logits_TE.detach(), self.sinkhorn_iters)
+        return logits_TE.detach()
+
+
+class SBaseMoE(RoutedMoE):
     """Sinkhorn-balanced top-K MoE FFN with sigmoid gates; sizes and options as SigmaMoE.
 
     sinkhorn_iters: Sinkhorn iterations in training (3 in the paper; 0 routes like σ-MoE).
     expert_dropout, entropy_weight ("entropy" aux loss), n_layers, activation, dropout, impl: as
     SigmaMoE (the paper runs S-BASE with σ-MoE's regularisers). Init: σ-MoE's dense-equivalent one.
-    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model].
+    Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model].
+    Ignores `token_ids`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        expert_size: int,
-        k: int,
-        *,
-        sinkhorn_iters: int = 3,
-        expert_dropout: float = 0.0,
-        entropy_weight: float = 0.0,
-        n_layers: int = 1,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        impl: str = "fast",
-    ) -> None:
-        check_positive(k=k, n_layers=n_layers)
-        if k > n_experts:
-            raise ValueError(f"k must be at most n_experts ({n_experts}), got {k}")
-        if not (isinstance(sinkhorn_iters, int) and sinkhorn_iters >= 0):
-            raise ValueError(f"sinkhorn_iters must be a non-negative int, got {sinkhorn_iters!r}")
-        check_probability(expert_dropout=expert_dropout)
-        if not entropy_weight >= 0:
-            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight!r}")
-        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
-        self.k, self.sinkhorn_iters = k, sinkhorn_iters
-        self.expert_dropout, self.entropy_weight = expert_dropout, entropy_weight
-        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
-        init_sigma_moe(self, n_layers)
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_experts", "expert_size", "k")
+        n_experts: int
+        expert_size: int
+        k: int
+        sinkhorn_iters: int = 3
+        expert_dropout: float = 0.0
+        entropy_weight: float = 0.0
+        n_layers: int = 1
+        activation: str = "relu"
+        dropout: float = 0.0
+        impl: str = "fast"
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._start_forward()
-        x_TD = x.reshape(-1, self.d_model)
-        logits_TE = x_TD @ self.gate.t()
-        scores_TE, drop_TE = logits_TE.detach(), None
-        if self.training:
-            scores_TE = sinkhorn_log(scores_TE, self.sinkhorn_iters)
-            if self.expert_dropout > 0:
-                drop_TE = torch.rand_like(scores_TE) < self.expert_dropout
-        idx_TK, gates_TK, counts_E = sigmoid_topk(scores_TE, logits_TE, self.k, drop_TE)
-        if self.training and self.entropy_weight > 0 and x_TD.shape[0] > 0:
-            self.record_aux_loss("entropy", self.entropy_weight * negative_batch_entropy(logits_TE))
-        self.record_routing_stats(
-            counts_E,
-            n_tokens=x_TD.shape[0],
-            probs_TE=torch.softmax(logits_TE.detach().float(), dim=-1),
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "n_experts", "expert_size", "k", "n_layers")
+            check_at_most(self, "k", self.n_experts, "n_experts")
+            check_option(self, ["sinkhorn_iters"], lambda v: is_int(v) and v >= 0, "an int >= 0")
+            check_probabilities(self, "expert_dropout", "dropout")
+            check_non_negative(self, "entropy_weight")
+            check_choice(self, "activation", ACTIVATIONS)
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, self.k)
+
+    def build_router(self) -> SinkhornRouter:
+        c = self.config
+        return SinkhornRouter(
+            c.d_model,
+            c.n_experts,
+            c.k,
+            sinkhorn_iters=c.sinkhorn_iters,
+            expert_dropout=c.expert_dropout,
+            entropy_weight=c.entropy_weight,
         )
-        return self.expert_forward(x_TD, idx_TK, gates_TK).reshape(x.shape)
+
+    def reset_parameters(self) -> None:
+        init_sigma_moe(self, self.config.n_layers)

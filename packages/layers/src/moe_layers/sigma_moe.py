@@ -8,11 +8,26 @@ over the K chosen), so a token may use less than "one expert's worth" of output.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
+from moe_layers.base import (
+    ACTIVATIONS,
+    IMPLS,
+    LayerConfig,
+    LinearRouter,
+    ParameterCount,
+    RoutedMoE,
+    Routing,
+    check_at_most,
+    check_choice,
+    check_non_negative,
+    check_probabilities,
+    check_sizes,
+    routed_parameter_count,
+)
 
 INITS = ("dense", "expert_size")
 
@@ -49,7 +64,52 @@ def sigmoid_topk(
     return idx_TK, gates_TK, torch.bincount(idx_TK[~removed_TK], minlength=n_experts)
 
 
-class SigmaMoE(RoutedExperts):
+class SigmoidTopKRouter(LinearRouter):
+    """σ-MoE's router: the K experts of largest x @ gate.T, gated by their sigmoid.
+
+    expert_dropout: in training, each (token, expert) pair is removed from the selection with this
+    probability first. entropy_weight: in training, the aux loss "entropy" = weight * (-H(p̄)).
+    Subclasses change only which scores rank the experts (`selection_scores`).
+    """
+
+    def __init__(
+        self, d_model: int, n_experts: int, k: int, *, expert_dropout: float, entropy_weight: float
+    ) -> None:
+        super().__init__(d_model, n_experts)
+        self.k, self.expert_dropout, self.entropy_weight = k, expert_dropout, entropy_weight
+
+    def selection_scores(self, logits_TE: Tensor) -> Tensor:
+        # sigmoid is monotone: ranking the logits ranks the scores
+        return logits_TE
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        scores_TE, drop_TE = self.selection_scores(logits_TE), None
+        if self.training and self.expert_dropout > 0:
+            drop_TE = torch.rand_like(scores_TE, dtype=torch.float32) < self.expert_dropout
+        idx_TK, gates_TK, counts_E = sigmoid_topk(scores_TE, logits_TE, self.k, drop_TE)
+        aux = {}
+        if self.training and self.entropy_weight > 0 and x_TD.shape[0] > 0:
+            aux["entropy"] = self.entropy_weight * negative_batch_entropy(logits_TE)
+        probs_TE = torch.softmax(logits_TE.detach().float(), dim=-1)
+        return Routing(idx_TK, gates_TK, counts_E, probs_TE=probs_TE, aux_losses=aux)
+
+
+def init_sigma_moe(layer: RoutedMoE, n_layers: int, init: str = "dense") -> None:
+    """The σ-MoE dense-equivalent initialisation of w1, w2 and gate (see SigmaMoE's `init`)."""
+    c = math.sqrt(2.0 / n_layers)
+    w1, w2, gate = layer.experts.w1, layer.experts.w2, layer.router.gate
+    n_experts, d_model, expert_size = w1.shape
+    width = n_experts * expert_size if init == "dense" else expert_size
+    with torch.no_grad():
+        nn.init.normal_(w1, std=c / math.sqrt(d_model))
+        nn.init.normal_(w2, std=c / math.sqrt(width))
+        nn.init.normal_(gate, std=c / math.sqrt(d_model))
+        # every row gets the norm c that a row of std c/sqrt(d_model) has on average
+        gate.mul_(c / gate.norm(dim=-1, keepdim=True))
+
+
+class SigmaMoE(RoutedMoE):
     """σ-MoE feed-forward layer; drop-in for a Transformer FFN: y = layer(x), x and y [..., d_model].
 
     d_model, n_experts (N_E), expert_size (G), k (K): the paper's sizes; K*G is the active width.
@@ -65,71 +125,49 @@ class SigmaMoE(RoutedExperts):
     init: "dense" (the paper's dense-equivalent init: w1 ~ N(0, c²/d_model), w2 ~ N(0, c²/(N_E*G))
         as the second matrix of a dense layer of width N_E*G, gate rows ~ N(0, c²/d_model) then
         normalised to equal norm, the norm c a row of that std has, so the matrix keeps its std)
-        or "expert_size" (the
-        paper's "bad init" ablation: w2 std c/sqrt(G)).
+        or "expert_size" (the paper's "bad init" ablation: w2 std c/sqrt(G)).
     impl: "fast" (moe_kernels.expert_mlp) or "reference" (a loop over experts).
 
-    Parameters: w1 [N_E, d_model, G], w2 [N_E, G, d_model], gate [N_E, d_model]; no biases.
+    Parameters: experts.w1 [N_E, d_model, G], experts.w2 [N_E, G, d_model], router.gate
+    [N_E, d_model]; no biases. Ignores `token_ids`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        expert_size: int,
-        k: int,
-        *,
-        expert_dropout: float = 0.0,
-        entropy_weight: float = 0.0,
-        activation: str = "relu",
-        n_layers: int = 1,
-        dropout: float = 0.0,
-        init: str = "dense",
-        impl: str = "fast",
-    ) -> None:
-        check_positive(k=k, n_layers=n_layers)
-        if k > n_experts:
-            raise ValueError(f"k must be at most n_experts ({n_experts}), got {k}")
-        check_probability(expert_dropout=expert_dropout)
-        if not entropy_weight >= 0:
-            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight!r}")
-        check_choice("init", init, INITS)
-        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
-        self.k, self.expert_dropout, self.entropy_weight = k, expert_dropout, entropy_weight
-        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
-        init_sigma_moe(self, n_layers, init)
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_experts", "expert_size", "k")
+        n_experts: int
+        expert_size: int
+        k: int
+        expert_dropout: float = 0.0
+        entropy_weight: float = 0.0
+        activation: str = "relu"
+        n_layers: int = 1
+        dropout: float = 0.0
+        init: str = "dense"
+        impl: str = "fast"
 
-    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Returns the gate logits [T, E], idx [T, K], gates [T, K] and expert counts [E]."""
-        logits_TE = x_TD @ self.gate.t()
-        drop_TE = None
-        if self.training and self.expert_dropout > 0:
-            drop_TE = torch.rand_like(logits_TE, dtype=torch.float32) < self.expert_dropout
-        # sigmoid is monotone: ranking the logits ranks the scores
-        return (logits_TE, *sigmoid_topk(logits_TE, logits_TE, self.k, drop_TE))
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "n_experts", "expert_size", "k", "n_layers")
+            check_at_most(self, "k", self.n_experts, "n_experts")
+            check_probabilities(self, "expert_dropout", "dropout")
+            check_non_negative(self, "entropy_weight")
+            check_choice(self, "activation", ACTIVATIONS)
+            check_choice(self, "init", INITS)
+            check_choice(self, "impl", IMPLS)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._start_forward()
-        x_TD = x.reshape(-1, self.d_model)
-        logits_TE, idx_TK, gates_TK, counts_E = self.route(x_TD)
-        if self.training and self.entropy_weight > 0 and x_TD.shape[0] > 0:
-            self.record_aux_loss("entropy", self.entropy_weight * negative_batch_entropy(logits_TE))
-        self.record_routing_stats(
-            counts_E,
-            n_tokens=x_TD.shape[0],
-            probs_TE=torch.softmax(logits_TE.detach().float(), dim=-1),
+        def parameter_count(self) -> ParameterCount:
+            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, self.k)
+
+    def build_router(self) -> SigmoidTopKRouter:
+        c = self.config
+        return SigmoidTopKRouter(
+            c.d_model,
+            c.n_experts,
+            c.k,
+            expert_dropout=c.expert_dropout,
+            entropy_weight=c.entropy_weight,
         )
-        return self.expert_forward(x_TD, idx_TK, gates_TK).reshape(x.shape)
 
-
-def init_sigma_moe(layer: RoutedExperts, n_layers: int, init: str = "dense") -> None:
-    """The σ-MoE dense-equivalent initialisation of w1, w2 and gate (see SigmaMoE's `init`)."""
-    c = math.sqrt(2.0 / n_layers)
-    n_experts, d_model, expert_size = layer.w1.shape
-    width = n_experts * expert_size if init == "dense" else expert_size
-    with torch.no_grad():
-        nn.init.normal_(layer.w1, std=c / math.sqrt(d_model))
-        nn.init.normal_(layer.w2, std=c / math.sqrt(width))
-        nn.init.normal_(layer.gate, std=c / math.sqrt(d_model))
-        # every row gets the norm c that a row of std c/sqrt(d_model) has on average
-        layer.gate.mul_(c / layer.gate.norm(dim=-1, keepdim=True))
+    def reset_parameters(self) -> None:
+        init_sigma_moe(self, self.config.n_layers, self.config.init)

@@ -1,19 +1,34 @@
 """Switch Transformer routing (Fedus et al. 2021), the σ-MoE paper's Switch baseline.
 
 Each token goes to the one expert of largest softmax gate probability p_e and is scaled by p_e.
-With a capacity factor f, each expert takes at most ceil(f * T / E) tokens, first come (in token
-order) first served; the rest are dropped: their output is zero, so the residual carries them.
+With a capacity C, each expert takes at most C tokens, first come (in token order) first served;
+the rest are dropped: their output is zero, so the residual carries them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moe_layers.base import RoutedExperts, check_choice, check_positive, check_probability
-from moe_layers.sigma_moe import init_sigma_moe
+from moe_layers.base import (
+    ACTIVATIONS,
+    IMPLS,
+    LayerConfig,
+    LinearRouter,
+    ParameterCount,
+    RoutedMoE,
+    Routing,
+    check_choice,
+    check_non_negative,
+    check_positive_or_none,
+    check_probabilities,
+    check_sizes,
+    routed_parameter_count,
+)
+from moe_layers.sigma_moe import INITS, init_sigma_moe
 
 BALANCE_VARIANTS = ("switch", "csordas")
 
@@ -38,58 +53,34 @@ def switch_balance_loss(probs_TE: Tensor, idx_T: Tensor, variant: str) -> Tensor
     return n_experts * dot if variant == "switch" else dot / n_experts
 
 
-class SwitchMoE(RoutedExperts):
-    """Switch (top-1 softmax-gated) MoE FFN: y = p_e(x) * expert_e(x), e = argmax p(x).
-
-    capacity_factor: None (no dropping: every token is processed, the σ-MoE paper's setting) or a
-        positive float f (each expert takes at most ceil(f * T / E) tokens; the rest are dropped).
-    load_balance_weight: weight of the balancing loss recorded as "switch_balance" in training.
-    balance_variant: "switch" (Fedus et al., E * sum f_e P_e) or "csordas" (the σ-MoE authors'
-        normalisation, mean over tokens and experts of p_te f_e, which is the former / E²).
-    n_layers, activation, dropout (on the expert hidden), impl: as SigmaMoE.
-    init: as SigmaMoE ("dense" default; the σ-MoE authors' Switch runs used "expert_size").
-    Parameters: w1 [E, d_model, G], w2 [E, G, d_model], gate [E, d_model].
-    """
+class SwitchRouter(LinearRouter):
+    """Top-1 of softmax(x @ gate.T), gated by its probability, under SwitchMoE's capacity rules."""
 
     def __init__(
         self,
         d_model: int,
         n_experts: int,
-        expert_size: int,
         *,
-        capacity_factor: float | None = None,
-        load_balance_weight: float = 0.01,
-        balance_variant: str = "switch",
-        n_layers: int = 1,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        init: str = "dense",
-        impl: str = "fast",
+        capacity_factor: float | None,
+        eval_capacity_factor: float | None,
+        load_balance_weight: float,
+        balance_variant: str,
     ) -> None:
-        check_positive(n_layers=n_layers)
-        if capacity_factor is not None:
-            check_positive(capacity_factor=capacity_factor)
-        if not load_balance_weight >= 0:
-            raise ValueError(f"load_balance_weight must be >= 0, got {load_balance_weight!r}")
-        check_choice("balance_variant", balance_variant, BALANCE_VARIANTS)
-        check_choice("init", init, ("dense", "expert_size"))
-        check_probability(dropout=dropout)
-        super().__init__(d_model, n_experts, expert_size, activation, impl, hidden_dropout=dropout)
-        self.capacity_factor, self.load_balance_weight = capacity_factor, load_balance_weight
-        self.balance_variant = balance_variant
-        self.gate = nn.Parameter(torch.empty(n_experts, d_model))
-        init_sigma_moe(self, n_layers, init)
+        super().__init__(d_model, n_experts)
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.load_balance_weight, self.balance_variant = load_balance_weight, balance_variant
 
     def capacity(self, n_tokens: int) -> int | None:
-        if self.capacity_factor is None:
-            return None
-        return math.ceil(self.capacity_factor * n_tokens / self.n_experts)
+        """Tokens each expert takes from a call of n_tokens; None: no limit."""
+        if self.training:
+            f = self.capacity_factor
+            return None if f is None else math.ceil(f * n_tokens / self.n_experts)
+        f = self.eval_capacity_factor
+        return None if f is None else math.ceil(f * n_tokens)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._start_forward()
-        x_TD = x.reshape(-1, self.d_model)
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
         T = x_TD.shape[0]
-        logits_TE = x_TD @ self.gate.t()
+        logits_TE = self.logits(x_TD)
         # half-precision inputs route in float32
         probs_TE = torch.softmax(
             logits_TE, dim=-1, dtype=torch.promote_types(logits_TE.dtype, torch.float32)
@@ -102,9 +93,79 @@ class SwitchMoE(RoutedExperts):
             keep_T = capacity_keep_mask(idx_T, self.n_experts, capacity)
             dropped = (~keep_T).sum()
             gate_T = gate_T * keep_T
+        aux = {}
         if self.training and self.load_balance_weight > 0 and T > 0:
             balance = switch_balance_loss(probs_TE, idx_T, self.balance_variant)
-            self.record_aux_loss("switch_balance", self.load_balance_weight * balance)
-        self.record_routing_stats(counts_E, n_tokens=T, probs_TE=probs_TE.detach(), dropped=dropped)
-        gates_TK = gate_T.to(x_TD.dtype).unsqueeze(-1)
-        return self.expert_forward(x_TD, idx_T.unsqueeze(-1), gates_TK).reshape(x.shape)
+            aux["switch_balance"] = self.load_balance_weight * balance
+        return Routing(
+            idx_T.unsqueeze(-1),
+            gate_T.unsqueeze(-1),
+            counts_E,
+            dropped=dropped,
+            probs_TE=probs_TE.detach(),
+            aux_losses=aux,
+        )
+
+
+class SwitchMoE(RoutedMoE):
+    """Switch (top-1 softmax-gated) MoE FFN: y = p_e(x) * expert_e(x), e = argmax p(x).
+
+    capacity_factor: in training, None (no capacity limit: every token is processed, the σ-MoE
+        paper's setting) or a positive float f (each expert takes at most ceil(f * T / E) of the
+        call's T tokens, in token order; the rest are dropped).
+    eval_capacity_factor: in eval mode, None (default: no capacity limit, so that a token's output
+        depends on that token only: evaluation is causal and independent of batch-mates and
+        padding) or a positive float f: each expert takes at most ceil(f * T) tokens, in token
+        order as in training (fairseq's eval capacity, a fraction of the tokens; not causal: a
+        token may be dropped because of the tokens around it).
+    load_balance_weight: weight of the balancing loss recorded as "switch_balance" in training.
+    balance_variant: "switch" (Fedus et al., E * sum f_e P_e) or "csordas" (the σ-MoE authors'
+        normalisation, mean over tokens and experts of p_te f_e, which is the former / E²).
+    n_layers, activation, dropout (on the expert hidden), impl: as SigmaMoE.
+    init: as SigmaMoE ("dense" default; the σ-MoE authors' Switch runs used "expert_size").
+    Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model].
+    Ignores `token_ids`.
+    """
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "n_experts", "expert_size")
+        n_experts: int
+        expert_size: int
+        capacity_factor: float | None = None
+        eval_capacity_factor: float | None = None
+        load_balance_weight: float = 0.01
+        balance_variant: str = "switch"
+        n_layers: int = 1
+        activation: str = "relu"
+        dropout: float = 0.0
+        init: str = "dense"
+        impl: str = "fast"
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "n_experts", "expert_size", "n_layers")
+            check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
+            check_non_negative(self, "load_balance_weight")
+            check_choice(self, "balance_variant", BALANCE_VARIANTS)
+            check_choice(self, "activation", ACTIVATIONS)
+            check_probabilities(self, "dropout")
+            check_choice(self, "init", INITS)
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
+
+    def build_router(self) -> SwitchRouter:
+        c = self.config
+        return SwitchRouter(
+            c.d_model,
+            c.n_experts,
+            capacity_factor=c.capacity_factor,
+            eval_capacity_factor=c.eval_capacity_factor,
+            load_balance_weight=c.load_balance_weight,
+            balance_variant=c.balance_variant,
+        )
+
+    def reset_parameters(self) -> None:
+        init_sigma_moe(self, self.config.n_layers, self.config.init)

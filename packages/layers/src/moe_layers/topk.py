@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -11,10 +12,14 @@ from torch.nn import functional as F
 from moe_layers.base import (
     ACTIVATIONS,
     IMPLS,
+    LayerConfig,
     MoEModule,
+    ParameterCount,
+    check_at_most,
+    check_bools,
     check_choice,
-    check_positive,
-    check_probability,
+    check_probabilities,
+    check_sizes,
 )
 
 
@@ -47,39 +52,47 @@ class TopKFFN(MoEModule):
         or "reference" (mask below the k-th largest, dense second matmul).
     The authors' code can also rank units by h_i * ||W2[:, i]||; their sweeps rank by h_i, as here.
     Parameters: w1 [d_ff, d_model], b1 [d_ff], w2 [d_ff, d_model] (row i is unit i's output), b2.
+    Ignores `token_ids`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        k: int,
-        *,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        n_layers: int = 1,
-        bias: bool = True,
-        impl: str = "fast",
-    ) -> None:
-        super().__init__()
-        check_positive(d_model=d_model, d_ff=d_ff, k=k, n_layers=n_layers)
-        if k > d_ff:
-            raise ValueError(f"k must be at most d_ff ({d_ff}), got {k}")
-        check_choice("activation", activation, ACTIVATIONS)
-        check_choice("impl", impl, IMPLS)
-        check_probability(dropout=dropout)
-        self.d_model, self.d_ff, self.k = d_model, d_ff, k
-        self.activation, self.dropout, self.impl = activation, dropout, impl
-        c = math.sqrt(2.0 / n_layers)
-        self.w1 = nn.Parameter(torch.randn(d_ff, d_model) * (c / math.sqrt(d_model)))
-        self.w2 = nn.Parameter(torch.randn(d_ff, d_model) * (c / math.sqrt(d_ff)))
-        self.b1 = nn.Parameter(torch.zeros(d_ff)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(d_model)) if bias else None
+    @dataclass(frozen=True, kw_only=True)
+    class Config(LayerConfig):
+        positional = ("d_model", "d_ff", "k")
+        d_ff: int
+        k: int
+        activation: str = "relu"
+        dropout: float = 0.0
+        n_layers: int = 1
+        bias: bool = True
+        impl: str = "fast"
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._start_forward()
-        x_TD = x.reshape(-1, self.d_model)
-        fn = reference_topk_ffn if self.impl == "reference" else sparse_topk_ffn
-        p = self.dropout if self.training else 0.0
-        y_TD = fn(x_TD, self.w1, self.b1, self.w2, self.b2, self.k, self.activation, p)
-        return y_TD.reshape(x.shape)
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_sizes(self, "d_ff", "k", "n_layers")
+            check_at_most(self, "k", self.d_ff, "d_ff")
+            check_choice(self, "activation", ACTIVATIONS)
+            check_probabilities(self, "dropout")
+            check_bools(self, "bias")
+            check_choice(self, "impl", IMPLS)
+
+        def parameter_count(self) -> ParameterCount:
+            biases = self.d_ff + self.d_model if self.bias else 0
+            return ParameterCount(
+                total=2 * self.d_ff * self.d_model + biases,
+                active=(self.d_ff + self.k) * self.d_model + biases,
+            )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.config
+        scale = math.sqrt(2.0 / c.n_layers)
+        self.w1 = nn.Parameter(torch.randn(c.d_ff, c.d_model) * (scale / math.sqrt(c.d_model)))
+        self.w2 = nn.Parameter(torch.randn(c.d_ff, c.d_model) * (scale / math.sqrt(c.d_ff)))
+        self.b1 = nn.Parameter(torch.zeros(c.d_ff)) if c.bias else None
+        self.b2 = nn.Parameter(torch.zeros(c.d_model)) if c.bias else None
+
+    def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
+        c = self.config
+        fn = reference_topk_ffn if c.impl == "reference" else sparse_topk_ffn
+        p = c.dropout if self.training else 0.0
+        return fn(x_TD, self.w1, self.b1, self.w2, self.b2, c.k, c.activation, p)
