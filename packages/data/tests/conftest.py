@@ -31,7 +31,7 @@ def write(tmp_path):
     return _write
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def wikitext2_dir() -> Path:
     """The real WikiText-2 valid and test files, kept beside the repo in shared/ (never copied in)."""
     if not WIKITEXT2.is_dir():

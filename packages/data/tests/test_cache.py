@@ -1,12 +1,14 @@
 """The tokenised cache: reused when current, rebuilt when stale or corrupt, never wrong."""
 
+import hashlib
 import json
+import logging
 import os
 
 import moe_data
 import numpy as np
 import pytest
-from moe_data import cache
+from moe_data import DataError, cache
 
 TEXT = "abcdefghij klmnop\n" * 30
 
@@ -100,8 +102,27 @@ def _wrong_dtype(entry):
     np.save(entry / "test.npy", np.zeros(3, dtype=np.float32))
 
 
+def _meta_as_list(entry):
+    (entry / "meta.json").write_text("[1, 2, 3]")
+
+
+def _meta_checksum_edited(entry):
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["blake2b"]["valid.npy"] = "0" * 64
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
-    "damage", [_truncate_train, _garble_meta, _drop_vocab, _lie_about_counts, _wrong_dtype]
+    "damage",
+    [
+        _truncate_train,
+        _garble_meta,
+        _meta_as_list,
+        _meta_checksum_edited,
+        _drop_vocab,
+        _lie_about_counts,
+        _wrong_dtype,
+    ],
 )
 def test_corrupt_entry_is_rebuilt(write, tmp_path, count_builds, damage):
     path, store = write("t.txt", TEXT), tmp_path / "store"
@@ -161,3 +182,102 @@ def test_entry_stored_by_another_process_meanwhile_is_kept(write, tmp_path):
     assert isinstance(got["train"], np.memmap)
     assert got["train"].tolist() == arrays["train"].tolist()
     assert [p.name for p in store.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def _npy_payload_offset(path) -> int:
+    """Where the array's bytes start in a .npy file (after its header)."""
+    arr = np.load(path, mmap_mode="r")
+    return path.stat().st_size - arr.nbytes
+
+
+def _reversed_ids(entry):
+    """Same size, a valid header and every id in range: only a checksum tells."""
+    arr = np.load(entry / "train.npy")
+    np.save(entry / "train.npy", np.ascontiguousarray(arr[::-1]))
+    return "train.npy"
+
+
+def _random_bytes(entry):
+    path = entry / "valid.npy"
+    data = bytearray(path.read_bytes())
+    start = _npy_payload_offset(path)
+    data[start:] = np.random.default_rng(0).integers(0, 256, len(data) - start, np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return "valid.npy"
+
+
+def _swapped_vocabulary(entry):
+    """Another vocabulary of the same size: every id would decode to the wrong character."""
+    data = json.loads((entry / "vocab.json").read_text())
+    data["chars"] = "".join(sorted(data["chars"].upper() + "#"))[: len(data["chars"])]
+    (entry / "vocab.json").write_text(json.dumps(data))
+    return "vocab.json"
+
+
+@pytest.mark.parametrize("overwrite", [_reversed_ids, _random_bytes, _swapped_vocabulary])
+def test_same_size_overwrite_is_caught_and_rebuilt(
+    write, tmp_path, count_builds, caplog, overwrite
+):
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    clean = moe_data.text(path, cache_dir=store)
+    expected = {s: clean.decode(clean.split(s)) for s in ("train", "valid", "test")}
+    entry = _entry(store)
+    sizes = {p.name: p.stat().st_size for p in entry.iterdir()}
+    name = overwrite(entry)
+    assert {p.name: p.stat().st_size for p in entry.iterdir()} == sizes
+    with caplog.at_level(logging.WARNING, logger="moe_data"):
+        rebuilt = moe_data.text(path, cache_dir=store)
+    assert len(count_builds) == 2
+    assert {s: rebuilt.decode(rebuilt.split(s)) for s in ("train", "valid", "test")} == expected
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(entry / name) in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+
+
+def test_corrupt_meta_warns_naming_it(write, tmp_path, caplog):
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    moe_data.text(path, cache_dir=store)
+    _garble_meta(_entry(store))
+    with caplog.at_level(logging.WARNING, logger="moe_data"):
+        moe_data.text(path, cache_dir=store)
+    assert str(_entry(store) / "meta.json") in caplog.text
+
+
+def test_checksums_are_those_of_the_files(write, tmp_path):
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    moe_data.text(path, cache_dir=store)
+    entry = _entry(store)
+    meta = json.loads((entry / "meta.json").read_text())
+    for name in ("vocab.json", "train.npy", "valid.npy", "test.npy"):
+        digest = hashlib.blake2b((entry / name).read_bytes(), digest_size=32).hexdigest()
+        assert meta["blake2b"][name] == digest
+
+
+def test_out_of_range_ids_in_an_intact_entry_name_the_file(write, tmp_path):
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    corpus = moe_data.text(path, cache_dir=store)
+    entry = _entry(store)
+    bad = np.asarray(corpus.test).copy()
+    bad[3] = corpus.vocab_size  # one past the last id, with checksums that agree
+    np.save(entry / "test.npy", bad)
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["blake2b"]["test.npy"] = hashlib.blake2b(
+        (entry / "test.npy").read_bytes(), digest_size=32
+    ).hexdigest()
+    (entry / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError) as err:
+        moe_data.text(path, cache_dir=store)
+    message = str(err.value)
+    assert str(entry / "test.npy") in message and f"token id {corpus.vocab_size}" in message
+    assert "\n" not in message
+
+
+def test_entry_of_the_previous_format_is_rebuilt(write, tmp_path, count_builds):
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    clean = moe_data.text(path, cache_dir=store)
+    entry = _entry(store)
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["format"] = 1
+    (entry / "meta.json").write_text(json.dumps(meta))
+    assert moe_data.text(path, cache_dir=store).train.tolist() == clean.train.tolist()
+    assert len(count_builds) == 2

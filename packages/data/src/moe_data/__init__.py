@@ -1,7 +1,9 @@
 """moe-data: corpora, tokenizers, LM batching and priming tasks for MoE language models.
 
-Corpora: `wikitext(folder)`, `enwik8(path)`, `text(path, level)`, `bpe(path, tokenizer)`,
-`default_corpus(level)` and `load(spec)` for the CLI's `--data` strings; each returns a `Corpus`.
+Corpora: `wikitext(folder)`, `wikitext_sp(folder, vocab_size)`, `enwik8(path)`,
+`text(path, level)`, `bpe(path, tokenizer)`, `default_corpus(level)` and `load(spec)` for the
+CLI's `--data` strings; each returns a `Corpus`. Tokenizers: `save_tokenizer(vocab, path)` and
+`load_tokenizer(path)` (Hugging Face `tokenizer.json` with a `tokenizer_meta.json` beside it).
 Batching: `XLBatcher` (Transformer-XL streams) and `RandomWindowBatcher` (decoder LMs).
 Priming: `load_tasks`, `build_prompt`, `example_task_path`. No torch here: batches are numpy.
 """
@@ -9,11 +11,27 @@ Priming: `load_tasks`, `build_prompt`, `example_task_path`. No torch here: batch
 from moe_data.batching import RandomWindowBatcher, XLBatcher
 from moe_data.cache import default_cache_dir
 from moe_data.corpus import LEVELS, Corpus
-from moe_data.datasets import bpe, default_corpus, default_corpus_path, enwik8, text, wikitext
+from moe_data.datasets import (
+    bpe,
+    default_corpus,
+    default_corpus_path,
+    enwik8,
+    text,
+    wikitext,
+    wikitext_sp,
+)
 from moe_data.errors import DataError
 from moe_data.spec import load
 from moe_data.tasks import Example, Task, build_prompt, example_task_path, load_tasks
-from moe_data.vocab import BPEVocab, ByteVocab, CharVocab, WordVocab
+from moe_data.vocab import (
+    BPEVocab,
+    ByteVocab,
+    CharVocab,
+    SentencePieceVocab,
+    WordVocab,
+    load_tokenizer,
+    save_tokenizer,
+)
 
 __all__ = [
     "LEVELS",
@@ -24,6 +42,7 @@ __all__ = [
     "DataError",
     "Example",
     "RandomWindowBatcher",
+    "SentencePieceVocab",
     "Task",
     "WordVocab",
     "XLBatcher",
@@ -36,6 +55,9 @@ __all__ = [
     "example_task_path",
     "load",
     "load_tasks",
+    "load_tokenizer",
+    "save_tokenizer",
     "text",
     "wikitext",
+    "wikitext_sp",
 ]

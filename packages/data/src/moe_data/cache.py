@@ -2,11 +2,18 @@
 
 An entry is a folder `<name>-<digest of the key>/` holding `train.npy`, `valid.npy`, `test.npy`,
 `vocab.json` and `meta.json` (format version, the key, each source file's path, size,
-modification time and SHA-256, the dtype, the token counts and the vocabulary size). An entry
-is reused only when all of it reads back and matches; a source whose size changed, or whose
-modification time changed and whose hash no longer matches, makes the entry stale. A stale or
-corrupt entry is rebuilt. Entries are written into a temporary folder and renamed into place,
-so a reader never sees half an entry, and ranks that build the same entry at once do not clash.
+modification time and SHA-256, the BLAKE2b checksum of each of the other four files, the dtype,
+the token counts and the vocabulary size). An entry is reused only when all of it reads back
+and matches; a source whose size changed, or whose modification time changed and whose hash no
+longer matches, makes the entry stale. A stale or corrupt entry is rebuilt, a corrupt one with
+a warning on stderr (through the "moe_data" logger) that names the damaged file. A token id
+outside the vocabulary in an entry whose checksums match raises DataError naming the file.
+Entries are written into a temporary folder and renamed into place, so a reader never sees half
+an entry, and ranks that build the same entry at once do not clash.
+
+Verifying costs one read of every file of the entry at each load (BLAKE2b runs at about 1 GB/s,
+so a corpus of a few hundred MB takes well under a second or two, mostly from the page cache),
+and one more pass over the memory-mapped arrays for the id range.
 
 Where: `cache_dir` if given, else $MOE_DATA_CACHE, else $XDG_CACHE_HOME/moe-data, else
 ~/.cache/moe-data. `cache_dir=False` turns caching off.
@@ -25,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_data.vocab import vocab_from_json
+from moe_data.errors import DataError
+from moe_data.vocab import check_ids, vocab_from_json
 
-FORMAT = 1
+FORMAT = 2
 SPLITS = ("train", "valid", "test")
+CHECKED_FILES = ("vocab.json", *(f"{split}.npy" for split in SPLITS))
 log = logging.getLogger("moe_data")
 
 
@@ -39,12 +48,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "moe-data"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
+def _digest(path: Path, h) -> str:
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return _digest(path, hashlib.sha256())
+
+
+def blake2b_of(path: Path) -> str:
+    return _digest(path, hashlib.blake2b(digest_size=32))
 
 
 def describe_source(path: Path) -> dict:
@@ -76,18 +92,44 @@ def _entry_dir(root: Path, name: str, key: dict) -> Path:
     return root / f"{safe}-{digest}"
 
 
-def read_entry(entry: Path, key: dict):
-    """(vocab, {split: memmap}) when the entry is complete, current and intact, else None."""
+def read_entry(entry: Path, key: dict, *, warn: bool = True):
+    """(vocab, {split: memmap}) when the entry is complete, current and intact, else None.
+
+    Raises DataError when an intact entry holds a token id outside its vocabulary.
+    """
+    report = log.warning if warn else log.info
+    if not entry.exists():
+        return None
     try:
         meta = json.loads((entry / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        report(
+            "moe-data cache file %s is unreadable (%s); rebuilding the entry",
+            entry / "meta.json",
+            err,
+        )
+        return None
+    try:
         if meta.get("format") != FORMAT or meta.get("key") != key:
+            log.info("moe-data cache %s was written for another format or key; rebuilding", entry)
             return None
         if not all(_source_unchanged(s) for s in meta["sources"]):
             log.info("moe-data cache %s is stale: a source changed", entry)
             return None
+        for name in CHECKED_FILES:
+            if blake2b_of(entry / name) != meta["blake2b"][name]:
+                report(
+                    "moe-data cache file %s does not match its checksum in meta.json; rebuilding the entry",
+                    entry / name,
+                )
+                return None
         vocab = vocab_from_json(json.loads((entry / "vocab.json").read_text()))
         if vocab.size != meta["vocab_size"]:
-            return None
+            raise ValueError(
+                f"vocab.json holds {vocab.size} tokens, meta.json says {meta['vocab_size']}"
+            )
         arrays = {}
         for split in SPLITS:
             arr = np.load(entry / f"{split}.npy", mmap_mode="r", allow_pickle=False)
@@ -96,12 +138,17 @@ def read_entry(entry: Path, key: dict):
                 or arr.dtype != np.dtype(meta["dtype"])
                 or len(arr) != meta["counts"][split]
             ):
-                return None
+                raise ValueError(f"{split}.npy does not have the shape and dtype meta.json gives")
             arrays[split] = arr
-        return vocab, arrays
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
-        log.info("moe-data cache %s is unreadable (%s); rebuilding", entry, err)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, DataError) as err:
+        report("moe-data cache %s is unreadable (%s); rebuilding the entry", entry, err)
         return None
+    try:
+        for split, arr in arrays.items():
+            check_ids(arr, vocab.size, entry / f"{split}.npy")
+    except DataError as err:
+        raise DataError(f"{err}; delete {entry} to have it rebuilt") from None
+    return vocab, arrays
 
 
 def _write_entry(tmp: Path, key: dict, sources: list[dict], vocab, arrays: dict) -> None:
@@ -113,6 +160,7 @@ def _write_entry(tmp: Path, key: dict, sources: list[dict], vocab, arrays: dict)
         "format": FORMAT,
         "key": key,
         "sources": sources,
+        "blake2b": {name: blake2b_of(tmp / name) for name in CHECKED_FILES},
         "dtype": dtype.str,
         "counts": {split: int(len(arrays[split])) for split in SPLITS},
         "vocab_size": vocab.size,
@@ -153,7 +201,7 @@ def cached(
         _write_entry(tmp, key, described, vocab, arrays)
         if entry.exists():
             # another process (a data-parallel rank) may have stored it meanwhile
-            if (found := read_entry(entry, key)) is not None:
+            if (found := read_entry(entry, key, warn=False)) is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return found
             shutil.rmtree(entry, ignore_errors=True)
@@ -161,4 +209,4 @@ def cached(
     except OSError as err:
         log.info("moe-data cache %s was not stored (%s)", entry, err)
         shutil.rmtree(tmp, ignore_errors=True)
-    return read_entry(entry, key) or (vocab, arrays)
+    return read_entry(entry, key, warn=False) or (vocab, arrays)

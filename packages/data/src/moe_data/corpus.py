@@ -6,16 +6,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LEVELS = ("word", "char", "byte", "bpe")
+LEVELS = ("word", "char", "byte", "bpe", "sp")
 
 
 @dataclass(eq=False)
 class Corpus:
     """Train / valid / test token streams (1-D integer arrays, possibly memory-mapped).
 
-    `level` is one of "word", "char", "byte", "bpe": the trainer reports bits per character
-    for "char" and "byte" and perplexity otherwise. `spec` is the `--data` string that
-    rebuilds this corpus through `moe_data.load`, where there is one.
+    `level` is one of "word", "char", "byte", "bpe", "sp" (SentencePiece): the trainer reports
+    bits per character for "char" and "byte" and perplexity (per token) otherwise. `vocab` is
+    the vocabulary object; `moe_data.save_tokenizer(corpus.vocab, run_dir / "tokenizer.json")`
+    writes it for the run. `spec` is the `--data` string that rebuilds this corpus through
+    `moe_data.load`, where there is one.
     """
 
     name: str

@@ -1,4 +1,5 @@
-"""The data sets: WikiText (word), enwik8 (byte), any text file (char / byte), BPE, the default.
+"""The data sets: WikiText (word, or SentencePiece as the σ-MoE authors tokenised it), enwik8
+(byte), any text file (char / byte), BPE, the default.
 
 Every loader returns a `Corpus` and goes through the tokenised cache (see `moe_data.cache`).
 """
@@ -10,6 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+import sentencepiece
 import tokenizers
 from tokenizers import Tokenizer
 
@@ -24,13 +26,39 @@ from moe_data.sources import (
     read_zip_member,
     universal_lines,
 )
-from moe_data.vocab import BPEVocab, ByteVocab, CharVocab, WordVocab
+from moe_data.vocab import BPEVocab, ByteVocab, CharVocab, SentencePieceVocab, WordVocab
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 ENWIK8_SIZES = (90_000_000, 5_000_000, 5_000_000)
 DEFAULT_BPE_VOCAB = 4096
 BPE_CHUNK_CHARS = 1 << 12
+SIGMA_MOE_SP_PIECES = 8000
+# The σ-MoE authors' SentencePiece training (their dataset/text/tokenizers/sentencepiece.py and
+# tasks/simple/language_model/wikitext103_sp_transformer.py): a BPE model with digits split, of
+# 8000 pieces, on wiki.train.tokens, every other option at SentencePiece's default. Those
+# defaults that decide the pieces are written out, so a changed default cannot change them;
+# the last one only silences the trainer's log.
+SIGMA_MOE_SP_OPTIONS = {
+    "model_type": "bpe",
+    "split_digits": True,
+    "character_coverage": 0.9995,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": True,
+    "remove_extra_whitespaces": True,
+    "split_by_whitespace": True,
+    "split_by_unicode_script": True,
+    "split_by_number": True,
+    "max_sentencepiece_length": 16,
+    "max_sentence_length": 4192,
+    "input_sentence_size": 0,
+    "byte_fallback": False,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "minloglevel": 2,
+}
 
 
 def split_sizes(n: int, split, path) -> tuple[int, int, int]:
@@ -114,12 +142,7 @@ def enwik8(path, *, sizes=ENWIK8_SIZES, cache_dir=None) -> Corpus:
     return Corpus("enwik8", vocab, **arrays)
 
 
-def wikitext(folder, *, cache_dir=None) -> Corpus:
-    """WikiText-2 / -103 at word level from `wiki.{train,valid,test}.tokens` in `folder`.
-
-    The vocabulary comes from train (<eos> first, then by frequency); every line, empty ones
-    included, ends in <eos>; <unk> is an ordinary token, and words unseen in train become <unk>.
-    """
+def _wikitext_paths(folder) -> tuple[Path, dict[str, Path]]:
     root = existing_folder(folder, "WikiText folder")
     paths = {}
     for split in SPLITS:
@@ -133,6 +156,16 @@ def wikitext(folder, *, cache_dir=None) -> Corpus:
             )
             raise DataError(f"WikiText file {p} does not exist{hint}{raw}")
         paths[split] = p
+    return root, paths
+
+
+def wikitext(folder, *, cache_dir=None) -> Corpus:
+    """WikiText-2 / -103 at word level from `wiki.{train,valid,test}.tokens` in `folder`.
+
+    The vocabulary comes from train (<eos> first, then by frequency); every line, empty ones
+    included, ends in <eos>; <unk> is an ordinary token, and words unseen in train become <unk>.
+    """
+    root, paths = _wikitext_paths(folder)
 
     def build():
         lines = {s: universal_lines(decode_utf8(read_bytes(p), p)) for s, p in paths.items()}
@@ -141,6 +174,41 @@ def wikitext(folder, *, cache_dir=None) -> Corpus:
 
     vocab, arrays = cached(
         cache_dir, f"wikitext-{root.name}", {"kind": "wikitext"}, list(paths.values()), build
+    )
+    return Corpus(root.name, vocab, **arrays)
+
+
+def wikitext_sp(folder, vocab_size: int = SIGMA_MOE_SP_PIECES, *, cache_dir=None) -> Corpus:
+    """WikiText as the σ-MoE authors tokenised it: a SentencePiece BPE of `vocab_size` pieces
+    (8000 in their WikiText-103 runs) trained on `wiki.train.tokens` alone with their options
+    (`SIGMA_MOE_SP_OPTIONS`), then every line of each split encoded on its own.
+
+    Level "sp": no <eos> and no newline token (SentencePiece's normalisation drops line ends);
+    report perplexity per piece. Training on WikiText-103 reads the whole 0.5 GB train file into
+    SentencePiece (minutes, a few GB of memory); the cache keeps the model and the ids.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise DataError(f"vocab_size must be a positive integer, not {vocab_size!r}")
+    root, paths = _wikitext_paths(folder)
+
+    def lines(split: str) -> list[str]:
+        # with their newlines, as the authors' text-mode file iteration passed them
+        return universal_lines(decode_utf8(read_bytes(paths[split]), paths[split]), keepends=True)
+
+    def build():
+        for split in SPLITS:  # a bad file fails before the long training, not after it
+            lines(split)
+        vocab = SentencePieceVocab.train(paths["train"], vocab_size, SIGMA_MOE_SP_OPTIONS)
+        return vocab, {split: vocab.encode_lines(lines(split)) for split in SPLITS}
+
+    key = {
+        "kind": "wikitext-sp",
+        "vocab_size": vocab_size,
+        "options": SIGMA_MOE_SP_OPTIONS,
+        "sentencepiece": sentencepiece.__version__,
+    }
+    vocab, arrays = cached(
+        cache_dir, f"wikitext-sp{vocab_size}-{root.name}", key, list(paths.values()), build
     )
     return Corpus(root.name, vocab, **arrays)
 
@@ -161,16 +229,19 @@ def _load_tokenizer(tokenizer) -> tuple[BPEVocab, list[Path], dict]:
     if isinstance(tokenizer, (str, Path)):
         p = existing_file(tokenizer, "tokenizer file")
         try:
-            return BPEVocab(Tokenizer.from_file(str(p))), [p], {"tokenizer": "json"}
+            tok = Tokenizer.from_file(str(p))
         except Exception as err:
             raise DataError(
                 f"{p} is not a valid tokenizer.json ({str(err).splitlines()[0]})"
             ) from None
+        return BPEVocab(tok, p), [p], {"tokenizer": "json"}
     if isinstance(tokenizer, (tuple, list)) and len(tokenizer) == 2:
         vocab_p = existing_file(tokenizer[0], "BPE vocab file")
         merges_p = existing_file(tokenizer[1], "BPE merges file")
         try:
             vocab = BPEVocab.from_gpt2_files(str(vocab_p), str(merges_p))
+        except DataError:
+            raise
         except Exception as err:
             raise DataError(
                 f"{vocab_p} + {merges_p} are not a valid GPT-2 vocab.json + merges.txt"

@@ -72,10 +72,14 @@ def decode_utf8(data: bytes, path: Path) -> str:
         ) from None
 
 
-def universal_lines(text: str) -> list[str]:
-    """Lines as Python's text-mode file iteration gives them (\\r\\n and \\r are newlines too)."""
+def universal_lines(text: str, keepends: bool = False) -> list[str]:
+    """Lines as Python's text-mode file iteration gives them (\\r\\n and \\r are newlines too),
+    with their "\\n" when `keepends`."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
+    last = lines.pop()
+    if keepends:
+        lines = [line + "\n" for line in lines]
+    if last:
+        lines.append(last)
     return lines

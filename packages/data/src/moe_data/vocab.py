@@ -1,23 +1,43 @@
-"""Vocabularies: text <-> token ids at word, character, byte and BPE level.
+"""Vocabularies: text <-> token ids at word, character, byte, BPE and SentencePiece level.
 
 Each vocabulary knows its `level`, `size`, the smallest unsigned `dtype` that holds its ids,
-`encode(text) -> np.ndarray`, `decode(ids) -> str`, and a JSON form for the tokenised cache.
+`encode(text) -> np.ndarray`, `decode(ids) -> str`, a JSON form for the tokenised cache, and
+`to_tokenizer()`: the same vocabulary as a Hugging Face `tokenizers.Tokenizer`, which
+`save(path)` / `save_tokenizer(vocab, path)` write as `tokenizer.json` and `load_tokenizer(path)`
+turns back into the original kind of vocabulary. What `tokenizer.json` reproduces exactly and
+what not is told at each `to_tokenizer`.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
+import sentencepiece
 import tokenizers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from moe_data import sp_model
 from moe_data.errors import DataError
+from moe_data.sources import existing_file, read_bytes
 
 EOS = "<eos>"
 UNK = "<unk>"
+# every character for which str.isspace() holds: the separators of str.split(), which WordVocab
+# splits on, written out so that tokenizer.json splits on the very same set
+PY_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+TOKENIZER_META_FORMAT = "moe-data tokenizer"
+SP_BATCH_LINES = 1 << 13
 
 
 def id_dtype(size: int) -> np.dtype:
@@ -31,6 +51,42 @@ def id_dtype(size: int) -> np.dtype:
 
 def _as_id_list(ids) -> list[int]:
     return np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+
+
+def check_ids(ids_N: np.ndarray, size: int, origin) -> None:
+    """DataError naming `origin` (the file the ids came from) if an id lies outside [0, size)."""
+    if ids_N.size == 0:
+        return
+    low, high = int(ids_N.min()), int(ids_N.max())
+    if low < 0 or high >= size:
+        bad = high if high >= size else low
+        raise DataError(
+            f"{origin} holds token id {bad}, outside the vocabulary's range [0, {size})"
+        )
+
+
+def _check_numbering(vocab: dict[str, int], origin) -> None:
+    """A token -> id table must number its tokens 0 .. n-1, or ids would exceed the size."""
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        bad = next(i for k, i in enumerate(ids) if i != k)
+        raise DataError(
+            f"{origin} holds token id {bad}, outside the vocabulary's range [0, {len(ids)})"
+            " (its tokens must be numbered 0 .. size - 1)"
+        )
+
+
+def _tokens_by_id(tok: Tokenizer, origin) -> list[str]:
+    vocab = tok.get_vocab(with_added_tokens=True)
+    _check_numbering(vocab, origin)
+    return sorted(vocab, key=vocab.__getitem__)
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte in byte-level `tokenizers` (GPT-2's table)."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = iter(range(0x100, 0x200))
+    return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]
 
 
 class CharVocab:
@@ -84,6 +140,21 @@ class CharVocab:
     def to_json(self) -> dict:
         return {"level": self.level, "chars": self.chars}
 
+    def to_tokenizer(self) -> Tokenizer:
+        """Exact: one token per character, a character outside the vocabulary is an error.
+
+        (`tokenizers` raises its own exception there, this class a DataError.)
+        """
+        vocab = {c: i for i, c in enumerate(self.chars)}
+        # an unknown token that is no character, so unknown characters fail rather than map to it
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return tok
+
+    def save(self, path) -> Path:
+        return save_tokenizer(self, path)
+
 
 class ByteVocab:
     """The 256 byte values of the UTF-8 encoding; decoding replaces broken sequences."""
@@ -103,6 +174,20 @@ class ByteVocab:
 
     def to_json(self) -> dict:
         return {"level": self.level}
+
+    def to_tokenizer(self) -> Tokenizer:
+        """Byte-level BPE without merges: exact for encoding text (ids are the UTF-8 bytes) and
+        for decoding, which replaces broken UTF-8 sequences as Python does. `tokenizers` takes
+        text only, so bytes that are not UTF-8 (raw enwik8) cannot be encoded through it.
+        """
+        vocab = {symbol: b for b, symbol in enumerate(_byte_symbols())}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    def save(self, path) -> Path:
+        return save_tokenizer(self, path)
 
 
 class WordVocab:
@@ -172,13 +257,41 @@ class WordVocab:
     def to_json(self) -> dict:
         return {"level": self.level, "words": self.words}
 
+    def to_tokenizer(self) -> Tokenizer:
+        """Exact for encoding and for decoding ids in range: every newline becomes <eos>, words
+        split at the characters `str.split` splits at, unknown words become <unk>; decoding
+        joins a line's words with one space and ends it at <eos>.
+
+        <eos> and <unk> are ordinary vocabulary entries, not `tokenizers` special tokens (a
+        special token would be cut out of the middle of a word, which WordVocab does not do).
+        An id outside the vocabulary is skipped by `tokenizers` and an error here.
+        """
+        tok = Tokenizer(models.WordLevel(vocab=dict(self.index), unk_token=UNK))
+        tok.normalizer = normalizers.Replace("\n", f" {EOS} ")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"[{PY_WHITESPACE}]+"), behavior="removed")
+        # words hold no whitespace, so every space next to a newline is one the joining added
+        tok.decoder = decoders.Sequence(
+            [
+                decoders.Replace(Regex(r"\A<eos>\z"), "\n"),
+                decoders.WordPiece(prefix=" ", cleanup=False),
+                decoders.Fuse(),
+                decoders.Replace(" \n", "\n"),
+                decoders.Replace("\n ", "\n"),
+            ]
+        )
+        return tok
+
+    def save(self, path) -> Path:
+        return save_tokenizer(self, path)
+
 
 class BPEVocab:
     """A `tokenizers` byte-level BPE: trained here, or loaded from the user's files."""
 
     level = "bpe"
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, origin="the tokenizer"):
+        _check_numbering(tokenizer.get_vocab(with_added_tokens=True), origin)
         self.tokenizer = tokenizer
 
     @classmethod
@@ -206,7 +319,7 @@ class BPEVocab:
         tok = Tokenizer(models.BPE.from_file(vocab_path, merges_path))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        return cls(tok)
+        return cls(tok, vocab_path)
 
     @property
     def size(self) -> int:
@@ -231,7 +344,11 @@ class BPEVocab:
         )
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(_as_id_list(ids), skip_special_tokens=False)
+        ids = _as_id_list(ids)
+        # `tokenizers` would skip an unknown id without a word
+        if ids and (min(ids) < 0 or max(ids) >= self.size):
+            raise DataError(f"token ids must lie in [0, {self.size}) for this vocabulary")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def to_json(self) -> dict:
         return {
@@ -239,6 +356,209 @@ class BPEVocab:
             "tokenizer": self.tokenizer.to_str(),
             "tokenizers_version": tokenizers.__version__,
         }
+
+    def to_tokenizer(self) -> Tokenizer:
+        """Exact: the vocabulary's own `tokenizers` tokenizer."""
+        return self.tokenizer
+
+    def save(self, path) -> Path:
+        return save_tokenizer(self, path)
+
+
+class SentencePieceVocab:
+    """A SentencePiece model, applied by the `sentencepiece` library; `proto` is its `.model` file.
+
+    No <eos> and no newline token: SentencePiece's default normalisation turns a newline into a
+    space and drops spaces at the ends, so line breaks leave no trace in the ids (as in the
+    σ-MoE authors' WikiText-103 data). Characters the model does not cover become <unk>
+    (id 0), a run of them one <unk>; <unk> decodes as " ⁇ ".
+    """
+
+    level = "sp"
+
+    def __init__(self, proto: bytes, origin="the SentencePiece model"):
+        self.proto = bytes(proto)
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=self.proto)
+        except RuntimeError:
+            raise DataError(f"{origin} is not a valid SentencePiece model") from None
+
+    @classmethod
+    def train(cls, path: Path, vocab_size: int, options: dict) -> SentencePieceVocab:
+        """Train on the text file `path` (SentencePiece reads it line by line itself)."""
+        model = io.BytesIO()
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                input=str(path), model_writer=model, vocab_size=vocab_size, **options
+            )
+        except RuntimeError as err:
+            # "INTERNAL: src/trainer_interface.cc(744) [condition] Vocabulary size too high ..."
+            reason = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", " ".join(str(err).split()))
+            raise DataError(
+                f"SentencePiece training on {path} with vocab_size={vocab_size} failed: {reason}"
+            ) from None
+        return cls(model.getvalue())
+
+    def __getstate__(self) -> dict:
+        return {"proto": self.proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["proto"])
+
+    @property
+    def size(self) -> int:
+        return self.processor.get_piece_size()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return id_dtype(self.size)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self.processor.encode(text), dtype=self.dtype)
+
+    def encode_lines(self, lines: list[str]) -> np.ndarray:
+        """Each line on its own (as the σ-MoE authors encoded their files), concatenated."""
+        parts = [np.zeros(0, dtype=self.dtype)]
+        # in batches: the library's Python lists of ids would take ~36 bytes per token
+        for start in range(0, len(lines), SP_BATCH_LINES):
+            encoded = self.processor.encode(lines[start : start + SP_BATCH_LINES])
+            parts.append(
+                np.fromiter(
+                    (i for ids in encoded for i in ids),
+                    dtype=self.dtype,
+                    count=sum(len(ids) for ids in encoded),
+                )
+            )
+        return np.concatenate(parts)
+
+    def decode(self, ids) -> str:
+        ids = _as_id_list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.size):
+            raise DataError(f"token ids must lie in [0, {self.size}) for this vocabulary")
+        return self.processor.decode(ids)
+
+    def to_json(self) -> dict:
+        return {
+            "level": self.level,
+            "model": base64.b64encode(self.proto).decode("ascii"),
+            "sentencepiece_version": sentencepiece.__version__,
+        }
+
+    def to_tokenizer(self) -> Tokenizer:
+        """Approximate, see `moe_data.sp_model`: the same ids on the tests' texts, but
+        `tokenizers` does not run SentencePiece's algorithm; `load_tokenizer` uses the `.model`
+        file saved beside `tokenizer.json` instead, which is exact.
+        """
+        return sp_model.to_tokenizer(self.proto)
+
+    def save(self, path) -> Path:
+        return save_tokenizer(self, path)
+
+
+def _tokenizer_json(path) -> Path:
+    """A path that is a folder, or that does not end in .json, means `tokenizer.json` in it."""
+    path = Path(path).expanduser()
+    return path / "tokenizer.json" if path.is_dir() or path.suffix != ".json" else path
+
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    """`tokenizer.json` -> (`tokenizer_meta.json`, `tokenizer.model`)."""
+    return path.with_name(f"{path.stem}_meta.json"), path.with_suffix(".model")
+
+
+def save_tokenizer(vocab, path) -> Path:
+    """Write `vocab` as a `tokenizers` file at `path`; returns the file's path.
+
+    `path` is the file (`run/tokenizer.json`) or a folder (`run`: any path that is a folder or
+    does not end in .json), which gets `tokenizer.json`.
+
+    Beside it go `<stem>_meta.json` (`tokenizer_meta.json`: the level, size and dtype, which
+    `load_tokenizer` needs to rebuild the same kind of vocabulary) and, for a SentencePiece
+    vocabulary, the model itself as `<stem>.model` (`tokenizer.model`).
+    """
+    path = _tokenizer_json(path)
+    try:
+        tok = vocab.to_tokenizer()
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+    meta_path, model_path = _companions(path)
+    meta = {
+        "format": TOKENIZER_META_FORMAT,
+        "version": 1,
+        "level": vocab.level,
+        "size": vocab.size,
+        "dtype": vocab.dtype.name,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    if isinstance(vocab, SentencePieceVocab):
+        model_path.write_bytes(vocab.proto)
+        meta["sentencepiece_model"] = model_path.name
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def load_tokenizer(path):
+    """The vocabulary `save_tokenizer` wrote at `path` (the `tokenizer.json`, or its folder).
+
+    It is the same kind as the saved one (`CharVocab`, `ByteVocab`, `WordVocab`, `BPEVocab`,
+    `SentencePieceVocab`) with the same level, size, dtype, encode and decode. Without the
+    `tokenizer_meta.json` beside it, the file is taken for a subword tokenizer from elsewhere
+    and becomes a `BPEVocab` (level "bpe"). Raises DataError naming the file that is missing or
+    does not fit.
+    """
+    path = existing_file(_tokenizer_json(path), "tokenizer file")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise DataError(
+            f"{path} is not a valid tokenizer.json ({str(err).splitlines()[0]})"
+        ) from None
+    meta_path, model_path = _companions(path)
+    if not meta_path.exists():
+        return BPEVocab(tok, path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        level = meta["level"]
+        if meta.get("format") != TOKENIZER_META_FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{meta_path} is not a moe-data tokenizer description ({err})") from None
+    try:
+        model_path = meta_path.parent / meta.get("sentencepiece_model", model_path.name)
+        vocab = _vocab_of_level(level, tok, path, model_path)
+    except DataError as err:
+        message = str(err)
+        raise DataError(message if str(path) in message else f"{path}: {message}") from None
+    if vocab.size != meta.get("size") or vocab.dtype.name != meta.get("dtype"):
+        raise DataError(
+            f"{path} holds {vocab.size} tokens ({vocab.dtype.name}) but {meta_path.name} says"
+            f" {meta.get('size')} ({meta.get('dtype')}); the two files do not belong together"
+        )
+    return vocab
+
+
+def _vocab_of_level(level, tok: Tokenizer, path: Path, model_path: Path):
+    if level == "bpe":
+        return BPEVocab(tok, path)
+    tokens = _tokens_by_id(tok, path)
+    if level == "char":
+        if any(len(t) != 1 for t in tokens):
+            raise DataError("a character-level tokenizer.json must hold single characters")
+        return CharVocab("".join(tokens))
+    if level == "byte":
+        if tokens != _byte_symbols():
+            raise DataError("a byte-level tokenizer.json must hold the 256 byte symbols in order")
+        return ByteVocab()
+    if level == "word":
+        return WordVocab(tokens)
+    if level == "sp":
+        model_path = existing_file(model_path, "SentencePiece model")
+        vocab = SentencePieceVocab(read_bytes(model_path), model_path)
+        if vocab.size != len(tokens):
+            raise DataError(f"{model_path} holds {vocab.size} pieces but {path} {len(tokens)}")
+        return vocab
+    raise DataError(f"unknown vocabulary level {level!r}")
 
 
 def vocab_from_json(data: dict):
@@ -252,4 +572,6 @@ def vocab_from_json(data: dict):
         return WordVocab(data["words"])
     if level == "bpe":
         return BPEVocab(Tokenizer.from_str(data["tokenizer"]))
+    if level == "sp":
+        return SentencePieceVocab(base64.b64decode(data["model"], validate=True))
     raise DataError(f"unknown vocabulary level {level!r} in {json.dumps(data)[:80]}")
