@@ -116,8 +116,9 @@ class SwitchMoE(RoutedMoE):
     eval_capacity_factor: in eval mode, None (default: no capacity limit, so that a token's output
         depends on that token only: evaluation is causal and independent of batch-mates and
         padding) or a positive float f: each expert takes at most ceil(f * T) tokens, in token
-        order as in training (fairseq's eval capacity, a fraction of the tokens; not causal: a
-        token may be dropped because of the tokens around it).
+        order as in training (fairseq's eval capacity, a fraction of the tokens), so that a token
+        may be dropped because of the tokens before it in the call, batch-mates and padding
+        included.
     load_balance_weight: weight of the balancing loss recorded as "switch_balance" in training.
     balance_variant: "switch" (Fedus et al., E * sum f_e P_e) or "csordas" (the σ-MoE authors'
         normalisation, mean over tokens and experts of p_te f_e, which is the former / E²).
