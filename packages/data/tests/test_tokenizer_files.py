@@ -89,7 +89,7 @@ def _outcome(encode, text):
     """The ids as a list, or the exception type."""
     try:
         return [int(i) for i in encode(text)]
-    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+    except Exception as err:  # tokenizers raises a bare Exception
         return type(err)
 
 
