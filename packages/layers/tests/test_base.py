@@ -29,7 +29,7 @@ from torch import nn
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-def test_expert_forward_fast_matches_reference(
+def test_experts_fast_matches_reference(
     n_tokens, d_model, n_experts, expert_size, k_frac, activation, dtype, seed
 ):
     k = max(1, round(k_frac * n_experts))

@@ -125,7 +125,8 @@ class ModuleConfig:
     """Base of every Config: the fields are the module's constructor arguments.
 
     positional: the fields that may be given positionally to the constructor, in order (they must
-        come first among the fields). layer_class: the module class, set when the class is defined.
+        come first among the fields). layer_class: the module class, set when the class is defined
+        (on this class itself: a subclass of a layer's Config belongs to no layer until one takes it).
     """
 
     positional: ClassVar[tuple[str, ...]] = ()
@@ -135,9 +136,10 @@ class ModuleConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def build(self) -> nn.Module:
-        if self.layer_class is None:
+        layer_class = type(self).__dict__.get("layer_class")
+        if layer_class is None:
             raise TypeError(f"{type(self).__qualname__} is not the Config of a layer class")
-        return self.layer_class(**self.to_dict())
+        return layer_class(**self.to_dict())
 
     def parameter_count(self) -> ParameterCount:
         """Built on the meta device (no memory), every parameter counted as active; the layers here
@@ -206,10 +208,16 @@ class ConfiguredModule(nn.Module):
         config = cls.__dict__.get("Config")
         if config is None:
             return
-        if config.layer_class is not None:
+        owner = config.__dict__.get("layer_class")
+        if owner is not None:
+            raise TypeError(f"{cls.__name__}.Config is already the Config of {owner.__name__}")
+        try:
+            config.signature()
+        except ValueError as err:
             raise TypeError(
-                f"{cls.__name__}.Config is already the Config of {config.layer_class.__name__}"
-            )
+                f"{cls.__name__}.Config's fields make no signature ({err}): the positional fields "
+                f"{config.positional} must come first, those without a default before the others"
+            ) from None
         config.layer_class = cls
 
     def __init__(self, *args, **kwargs) -> None:
