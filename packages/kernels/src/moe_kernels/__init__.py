@@ -1,13 +1,15 @@
 """moe_kernels: the expert matmul primitive of Mixture-of-Experts layers.
 
 Public: expert_matmul, expert_mlp, sort_by_expert (and the references expert_matmul_naive,
-expert_mlp_naive, sort_by_expert_naive that every fast path is tested against).
+expert_mlp_naive, sort_by_expert_naive that every fast path is tested against). Each runs one
+custom op (moe_kernels::expert_matmul, ::expert_mlp, ::sort_by_expert; the expert ops with their
+::*_backward ops), so torch.compile traces it whole; moe_kernels.testing records host reads.
 """
 
 import torch
 
-from moe_kernels.expert_matmul.function import ExpertMatmulFunction, ExpertMLPFunction
 from moe_kernels.expert_matmul.naive import expert_matmul_naive, expert_mlp_naive
+from moe_kernels.expert_matmul.ops import expert_matmul_op, expert_mlp_op
 from moe_kernels.expert_matmul.validate import check_matmul, check_mlp
 from moe_kernels.routing import Routing, sort_by_expert, sort_by_expert_naive
 
@@ -25,10 +27,11 @@ def expert_matmul(
     x [T, d_in] or [T, K, d_in]; w [E, d_in, d_out]; idx [T, K] integer in [0, E).
     backend: "auto" (Triton on CUDA, the torch backend on the CPU and for fp64), "torch" (its
     layout chosen by padding cost), "torch_grouped", "torch_padded", or "triton" (forces the
-    kernels, e.g. on CPU tensors under TRITON_INTERPRET=1).
+    kernels, e.g. on CPU tensors under TRITON_INTERPRET=1). Ids outside [0, E) raise ValueError
+    on the CPU and fail a device-side assert on CUDA (the host never waits for the device).
     """
     check_matmul(x, w, idx, gates, backend)
-    return ExpertMatmulFunction.apply(x, w, idx, gates, backend)
+    return expert_matmul_op(x, w, idx, gates, backend)[0]
 
 
 def expert_mlp(
@@ -46,7 +49,7 @@ def expert_mlp(
     or "silu". Gates may hold zeros (dropped slots). backend as for expert_matmul.
     """
     check_mlp(x, w1, w2, idx, gates, activation, backend)
-    return ExpertMLPFunction.apply(x, w1, w2, idx, gates, activation, backend)
+    return expert_mlp_op(x, w1, w2, idx, gates, activation, backend)[0]
 
 
 __all__ = [

@@ -97,10 +97,13 @@ class PaddedTorchBackend:
         device = counts_E.device
         expert_N = torch.repeat_interleave(torch.arange(E, device=device), counts_E, output_size=N)
         rank_N = torch.arange(N, device=device) - routing.offsets_E1[expert_N]
-        padded_N = expert_N * C + rank_N  # padded row of the n-th sorted row
-        # flat (token, slot) index of each padded row; N marks a pad, so N // K = T does too
+        self.padded_N = padded_N = expert_N * C + rank_N  # padded row of the n-th sorted row
+        # flat (token, slot) index and sorted position of each padded row; N marks a pad (so
+        # N // K = T does too)
         self.flat_R = torch.full((E * C,), N, dtype=torch.long, device=device)
         self.flat_R[padded_N] = routing.order_N
+        self.sorted_R = torch.full((E * C,), N, dtype=torch.long, device=device)
+        self.sorted_R[padded_N] = torch.arange(N, device=device)
         self.token_R = self.flat_R // n_slots
         self.padded_of_flat_N = padded_N.index_select(0, routing.inverse_N)
 
@@ -117,6 +120,13 @@ class PaddedTorchBackend:
 
     def row_gates(self, gates_TK: torch.Tensor) -> torch.Tensor:
         return self.take_flat(gates_TK.reshape(-1, 1)).data
+
+    def compact(self, rows_RX: torch.Tensor) -> torch.Tensor:
+        """The N sorted rows (pads dropped): the ops save rows of one size whatever the layout."""
+        return rows_RX.index_select(0, self.padded_N)
+
+    def from_compact(self, rows_NX: torch.Tensor) -> Rows:
+        return self.take(rows_NX, self.sorted_R)
 
     def unsort(self, rows_RX: torch.Tensor) -> torch.Tensor:
         return rows_RX.index_select(0, self.padded_of_flat_N)

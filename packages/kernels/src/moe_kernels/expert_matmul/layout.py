@@ -37,6 +37,14 @@ class SortedLayout:
         """Rows back to flat (token, slot) order."""
         return rows_NX.index_select(0, self.routing.inverse_N)
 
+    def compact(self, rows_NX: torch.Tensor) -> torch.Tensor:
+        """Rows of this layout as the N sorted rows, the layout the ops save for the backward."""
+        return rows_NX
+
+    def from_compact(self, rows_NX: torch.Tensor) -> Rows:
+        """The N sorted rows in this layout."""
+        return Rows(rows_NX)
+
     def sum_slots(self, rows_NX: torch.Tensor) -> torch.Tensor:
         """out[t] = sum over k of the row of (t, k); [T, X]. Deterministic: no atomics."""
         flat = self.unsort(rows_NX)

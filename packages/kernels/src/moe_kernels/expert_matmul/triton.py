@@ -2,10 +2,15 @@
 
 The input rows are gathered inside the kernels' loads (a row index per sorted row), so neither
 the forward input nor the output gradient is ever materialized in sorted order. Row tiles never
-straddle two experts: each expert's sorted rows are cut into BLOCK_M tiles, and a tile table
-(expert, first row, end row) drives the grid. The table is sized by the bound cdiv(N, BLOCK_M) + E
-so that building it needs no device-to-host sync; the unused entries are empty tiles.
-Accumulation is fp32 for every input dtype (fp32 inputs use IEEE-precision dots, not TF32).
+straddle two experts: each expert's sorted rows are cut into BLOCK_M tiles, and every program
+finds its tile (expert, first row, end row) from the expert offsets itself, so BLOCK_M is free for
+the autotuner and nothing is read back to size the grid: it has the bound cdiv(N, BLOCK_M) + E - 1
+of tiles, the programs past the last tile doing nothing. Accumulation is fp32 for every input
+dtype (fp32 inputs use IEEE-precision dots, not TF32).
+
+Block sizes, num_warps and num_stages are autotuned per (d_in, d_out, E, row-count bucket, dtype)
+on the first launch of each such key (that first launch benchmarks, so it synchronizes once);
+under TRITON_INTERPRET=1, which cannot afford tuning, one small fixed configuration runs.
 
 Importing this module needs Triton; moe_kernels imports it only when the Triton backend is used.
 """
@@ -18,7 +23,50 @@ import triton.language as tl
 
 from moe_kernels.expert_matmul.layout import SortedLayout
 from moe_kernels.expert_matmul.rows import Rows
-from moe_kernels.routing.naive import Routing
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names: tuple[str, str, str], shapes) -> list[triton.Config]:
+    """shapes: (block sizes..., num_warps, num_stages) for hardware; one small one interpreted."""
+    if INTERPRET:
+        return [triton.Config(dict.fromkeys(names, 32), num_warps=4, num_stages=1)]
+    return [
+        triton.Config(dict(zip(names, blocks, strict=True)), num_warps=w, num_stages=s)
+        for *blocks, w, s in shapes
+    ]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): large tiles for many rows per expert, small
+# row tiles for experts with few rows (less of each tile masked off).
+_MATMUL_CONFIGS = _configs(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 256, 32, 8, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 128, 4, 3),
+    ],
+)
+# (BLOCK_I, BLOCK_O, BLOCK_M, num_warps, num_stages) of the weight gradient.
+_DW_CONFIGS = _configs(
+    ("BLOCK_I", "BLOCK_O", "BLOCK_M"),
+    [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 3),
+        (32, 64, 64, 4, 4),
+    ],
+)
+_MATMUL_KEY = ["d_in", "d_out", "n_experts", "rows_bucket", "HAS_ROWS"]
 
 
 @triton.jit
@@ -34,28 +82,52 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(offsets_ptr, n_experts, BLOCK_M: tl.constexpr, E_CHUNK: tl.constexpr):
+    """(expert, first row, end row) of this program's tile: the tiles of expert e come after those
+    of the experts before it, cdiv(count_e, BLOCK_M) each. Past the last tile, end == start."""
+    tile = tl.program_id(0)
+    seen = tl.full([], 0, tl.int64)  # tiles of the experts before the current chunk
+    expert = tl.full([], 0, tl.int64)
+    start = tl.full([], 0, tl.int64)
+    end = tl.full([], 0, tl.int64)
+    for e0 in range(0, n_experts, E_CHUNK):
+        offs_e = e0 + tl.arange(0, E_CHUNK)
+        mask_e = offs_e < n_experts
+        lo = tl.load(offsets_ptr + offs_e, mask=mask_e, other=0)
+        hi = tl.load(offsets_ptr + offs_e + 1, mask=mask_e, other=0)
+        tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        last = seen + tl.cumsum(tiles, 0)
+        first = last - tiles
+        mine = (first <= tile) & (tile < last)  # true for one expert at most
+        row = lo + (tile - first) * BLOCK_M
+        expert += tl.sum(tl.where(mine, offs_e.to(tl.int64), 0))
+        start += tl.sum(tl.where(mine, row, 0))
+        end += tl.sum(tl.where(mine, tl.minimum(row + BLOCK_M, hi), 0))
+        seen += tl.sum(tiles)
+    return expert, start, end
+
+
+@triton.jit
 def _tile_times_expert_matrix(
-    a_ptr, a_rows_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    a_ptr, a_rows_ptr, w_ptr, out_ptr, offsets_ptr, n_experts,
     n_in, n_out,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, n-block] = a[row(m)] @ w[e][:, n-block] for the sorted rows m of one tile."""
-    tile = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
+    e, start, end = _row_tile(offsets_ptr, n_experts, BLOCK_M, E_CHUNK)
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < end
     if HAS_ROWS:
         src_m = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     else:
-        src_m = offs_m.to(tl.int64)
+        src_m = offs_m
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
+    n_red = tl.where(end > start, n_in, 0)  # a program without a tile skips the loop
+    for k0 in range(0, n_red, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < n_in
         a = tl.load(
@@ -69,47 +141,53 @@ def _tile_times_expert_matrix(
             other=0.0,
         )
         acc = _dot(a, w, acc, IEEE, UPCAST)
-    out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(
         out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :]
     )
 
 
-@triton.jit
+@triton.autotune(configs=_MATMUL_CONFIGS, key=_MATMUL_KEY)
+@triton.jit(do_not_specialize=["rows_bucket"])
 def expert_matmul_fwd_kernel(
-    x_ptr, x_rows_ptr, w_ptr, y_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    x_ptr, x_rows_ptr, w_ptr, y_ptr, offsets_ptr, n_experts, rows_bucket,
     d_in, d_out,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """y[m] = x[x_rows[m]] @ w[e] for the sorted rows m of expert e; y [N, d_out] sorted."""
+    """y[m] = x[x_rows[m]] @ w[e] for the sorted rows m of expert e; y [N, d_out] sorted.
+    rows_bucket (a power of two >= N) only keys the autotuning."""
     _tile_times_expert_matrix(
-        x_ptr, x_rows_ptr, w_ptr, y_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+        x_ptr, x_rows_ptr, w_ptr, y_ptr, offsets_ptr, n_experts,
         d_in, d_out, stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-        HAS_ROWS, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_ROWS, IEEE, UPCAST, E_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
 
 
-@triton.jit
+@triton.autotune(configs=_MATMUL_CONFIGS, key=_MATMUL_KEY)
+@triton.jit(do_not_specialize=["rows_bucket"])
 def expert_matmul_bwd_dx_kernel(
-    dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+    dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, offsets_ptr, n_experts, rows_bucket,
     d_in, d_out,
     stride_dym, stride_dyk, stride_we, stride_w_in, stride_w_out, stride_dxm, stride_dxn,
-    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, E_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dx[m] = dy[dy_rows[m]] @ w[e]^T: w [E, d_in, d_out] is read transposed through its strides."""
     _tile_times_expert_matrix(
-        dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+        dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, offsets_ptr, n_experts,
         d_out, d_in, stride_dym, stride_dyk, stride_we, stride_w_out, stride_w_in,
-        stride_dxm, stride_dxn, HAS_ROWS, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K,
+        stride_dxm, stride_dxn, HAS_ROWS, IEEE, UPCAST, E_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
 
 
-@triton.jit
+@triton.autotune(
+    configs=_DW_CONFIGS, key=["d_in", "d_out", "n_experts", "rows_bucket", "HAS_X_ROWS"]
+)
+@triton.jit(do_not_specialize=["rows_bucket"])
 def expert_matmul_bwd_dw_kernel(
-    x_ptr, x_rows_ptr, dy_ptr, dy_rows_ptr, dw_ptr, offsets_ptr,
+    x_ptr, x_rows_ptr, dy_ptr, dy_rows_ptr, dw_ptr, offsets_ptr, n_experts, rows_bucket,
     d_in, d_out,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwk, stride_dwn,
     HAS_X_ROWS: tl.constexpr, HAS_DY_ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -157,32 +235,17 @@ def expert_matmul_bwd_dw_kernel(
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    """Only the interpreter needs bf16 widened; on hardware bf16 and fp16 feed tl.dot directly."""
+    return INTERPRET and dtype == torch.bfloat16
 
 
-def _block(n: int, cap: int) -> int:
-    """Smallest power of two >= n within [16, cap] (tl.dot needs every block dim >= 16)."""
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+def _rows_bucket(n_rows: int) -> int:
+    return triton.next_power_of_2(max(n_rows, 1))
 
 
-def tile_table(routing: Routing, block_m: int):
-    """(expert, start, end) of each BLOCK_M tile of sorted rows, padded with empty tiles to the
-    sync-free bound cdiv(N, BLOCK_M) + E."""
-    offsets = routing.offsets_E1
-    E = offsets.numel() - 1
-    n_tiles = triton.cdiv(routing.order_N.numel(), block_m) + E
-    tiles_E = (routing.counts_E + block_m - 1) // block_m
-    tile_ends_E = torch.cumsum(tiles_E, 0)
-    tile = torch.arange(n_tiles, device=offsets.device)
-    expert = torch.searchsorted(tile_ends_E, tile, right=True)
-    valid = expert < E
-    expert = expert.clamp(max=E - 1)
-    first_tile = tile_ends_E[expert] - tiles_E[expert]
-    start = offsets[expert] + (tile - first_tile) * block_m
-    end = torch.minimum(start + block_m, offsets[expert + 1])
-    start = torch.where(valid, start, 0)
-    end = torch.where(valid, end, 0)
-    return expert.contiguous(), start.contiguous(), end.contiguous()
+def _expert_chunk(n_experts: int) -> int:
+    """Experts a program scans at once looking for its tile."""
+    return min(triton.next_power_of_2(n_experts), 1024)
 
 
 def _rows_arg(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -194,14 +257,6 @@ def _rows_arg(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, bool]:
 
 class TritonBackend(SortedLayout):
     """Launches the kernels; gathers stay lazy (Rows) and happen inside the kernels' loads."""
-
-    BLOCK_M = 64
-    BLOCK_N = 64
-    BLOCK_K = 32
-
-    def __init__(self, routing: Routing, n_slots: int):
-        super().__init__(routing, n_slots)
-        self.tiles = tile_table(routing, self.BLOCK_M)
 
     def mm(self, a: Rows, w_EIO: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         data, rows, has_rows = _rows_arg(a)
@@ -215,14 +270,16 @@ class TritonBackend(SortedLayout):
         if n_red == 0:
             return out.zero_()
         kernel = expert_matmul_bwd_dx_kernel if transpose else expert_matmul_fwd_kernel
-        block_n = _block(n_out, self.BLOCK_N)
-        grid = (self.tiles[0].numel(), triton.cdiv(n_out, block_n))
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_M"]) + E - 1, triton.cdiv(n_out, meta["BLOCK_N"]))
+
         kernel[grid](
-            data, rows, w_EIO, out, *self.tiles,
+            data, rows, w_EIO, out, self.routing.offsets_E1, E, _rows_bucket(N),
             d_in, d_out,
             data.stride(0), data.stride(1), *w_EIO.stride(), out.stride(0), out.stride(1),
             HAS_ROWS=has_rows, IEEE=data.dtype == torch.float32, UPCAST=_upcast(data.dtype),
-            BLOCK_M=self.BLOCK_M, BLOCK_N=block_n, BLOCK_K=_block(n_red, self.BLOCK_K),
+            E_CHUNK=_expert_chunk(E),
         )  # fmt: skip
         return out
 
@@ -234,13 +291,16 @@ class TritonBackend(SortedLayout):
         dw = x.new_empty(E, d_in, d_out)
         if dw.numel() == 0:
             return dw
-        block_i, block_o = _block(d_in, 64), _block(d_out, 64)
-        grid = (E, triton.cdiv(d_in, block_i), triton.cdiv(d_out, block_o))
+
+        def grid(meta):
+            return (E, triton.cdiv(d_in, meta["BLOCK_I"]), triton.cdiv(d_out, meta["BLOCK_O"]))
+
         expert_matmul_bwd_dw_kernel[grid](
-            x, x_rows, g, g_rows, dw, self.routing.offsets_E1,
+            x, x_rows, g, g_rows, dw, self.routing.offsets_E1, E,
+            _rows_bucket(self.routing.order_N.numel()),
             d_in, d_out,
             x.stride(0), x.stride(1), g.stride(0), g.stride(1), *dw.stride(),
-            HAS_X_ROWS=has_x_rows, HAS_DY_ROWS=has_g_rows, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype),
-            BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_M=32,
+            HAS_X_ROWS=has_x_rows, HAS_DY_ROWS=has_g_rows, IEEE=x.dtype == torch.float32,
+            UPCAST=_upcast(x.dtype),
         )  # fmt: skip
         return dw

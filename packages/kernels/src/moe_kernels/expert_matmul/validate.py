@@ -1,9 +1,13 @@
-"""Argument checks of expert_matmul and expert_mlp: ValueError naming the argument, before any kernel."""
+"""Argument checks of expert_matmul and expert_mlp: ValueError naming the argument, before any kernel.
+
+Only types, shapes, dtypes and devices, so that the checks read nothing from the device and trace
+under torch.compile; the ids themselves are checked inside the ops (routing.validate).
+"""
 
 import torch
 
 from moe_kernels.expert_matmul.activations import ACTIVATIONS
-from moe_kernels.expert_matmul.function import BACKENDS
+from moe_kernels.expert_matmul.ops import BACKENDS
 from moe_kernels.routing.validate import check_idx
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -1,0 +1,341 @@
+"""The expert matmul and expert MLP as custom ops (torch.library), with fake implementations and
+autograd formulas, so that torch.compile sees one op of known output shapes per call.
+
+Ops (namespace moe_kernels):
+  expert_matmul(x, w, idx, gates?, backend) -> (out, order, inverse, offsets, counts, xs)
+  expert_matmul_backward(grad, x?, w, gates?, order, inverse, offsets, counts, xs, backend,
+                         x_per_slot, need_x, need_w, need_gates) -> (dx, dw, dgates)
+  expert_mlp(x, w1, w2, idx, gates, activation, backend) -> (out, order, inverse, offsets,
+                                                              counts, xs, h)
+  expert_mlp_backward(grad, x?, w1, w2, gates, order, inverse, offsets, counts, xs, h,
+                      activation, backend, need_x, need_w1, need_w2, need_gates)
+                      -> (dx, dw1, dw2, dgates)
+The forward ops return, beside the output, what their backward needs: the routing (so that it is
+sorted once), xs the gathered input rows [N, d_in] of the torch backend ([0, d_in] for Triton,
+whose kernels gather inside their loads, so x itself is saved instead) and h the hidden
+pre-activations [N, G] of the MLP, N = T * K. Saved rows are always the N expert-sorted rows
+(the padded layout converts), so every output shape follows from the input shapes and the backend
+name: the fake implementations need no data-dependent size, and dynamo never breaks the graph at
+these ops. A gradient not needed comes back as an empty tensor.
+
+Both work on (token, slot) rows in expert-sorted order from the single routing sort to the end:
+the inputs are gathered once, the hidden activations of the MLP stay sorted through both
+matmuls, gates weight the sorted rows, and only the final outputs (and the input gradients) are
+summed back into token order.
+"""
+
+import torch
+from torch import Tensor
+
+from moe_kernels.expert_matmul.activations import activate, activate_backward
+from moe_kernels.expert_matmul.cpu import choose_torch_backend
+from moe_kernels.expert_matmul.rows import Rows
+from moe_kernels.library import define
+from moe_kernels.routing.dispatch import sort_routing
+from moe_kernels.routing.naive import Routing
+from moe_kernels.routing.validate import check_idx_values
+
+BACKENDS = ("auto", "torch", "torch_grouped", "torch_padded", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def uses_triton(backend: str, like: Tensor) -> bool:
+    """'auto': Triton for CUDA tensors in fp32/fp16/bf16, the torch backend otherwise (the CPU and
+    fp64). 'triton' forces the kernels, e.g. on CPU tensors under TRITON_INTERPRET=1."""
+    return backend == "triton" or (
+        backend == "auto" and like.is_cuda and like.dtype in _TRITON_DTYPES
+    )
+
+
+def make_backend(backend: str, like: Tensor, routing: Routing, n_slots: int):
+    """'torch' picks its layout by the padding it would cost; 'torch_grouped' and 'torch_padded'
+    force one. The choice is a function of the routing, so the backward makes the same one."""
+    if uses_triton(backend, like):
+        from moe_kernels.expert_matmul.triton import TritonBackend
+
+        return TritonBackend(routing, n_slots)
+    layout = {"torch_grouped": "grouped", "torch_padded": "padded"}.get(backend, "auto")
+    return choose_torch_backend(routing, n_slots, layout)
+
+
+def _route(idx_TK: Tensor, n_experts: int, backend: str, like: Tensor) -> Routing:
+    """The one check of the ids and the one routing sort of an op. The Triton path checks
+    asynchronously, as it does on CUDA, so that it stays free of host reads."""
+    on_device = idx_TK.is_cuda or uses_triton(backend, like)
+    check_idx_values(idx_TK, n_experts, asynchronous=on_device)
+    return sort_routing(idx_TK, n_experts)
+
+
+def _input_rows(be, x: Tensor) -> Rows:
+    """The sorted input rows: x [T, I] by token, x [T, K, I] by (token, slot)."""
+    if x.dim() == 2:
+        return be.take_tokens(x)
+    return be.take_flat(x.reshape(-1, x.shape[-1]))
+
+
+def _saved_rows(be, xs: Rows, d_in: int) -> Tensor:
+    """The gathered rows for the backward, or [0, d_in] where they stay a lazy gather of x."""
+    return be.compact(xs.data) if xs.index is None else xs.data.new_empty(0, d_in)
+
+
+def _backward_rows(be, x: Tensor | None, xs_NI: Tensor) -> Rows:
+    """The forward's input rows: saved gathered, or (x saved, Triton) the same lazy gather."""
+    return be.from_compact(xs_NI) if x is None else _input_rows(be, x)
+
+
+def _row_dot(a_NO: Tensor, b_NO: Tensor) -> Tensor:
+    """Per-row dot product accumulated in fp32 at least (the gate gradients)."""
+    acc = torch.promote_types(a_NO.dtype, torch.float32)
+    return (a_NO.to(acc) * b_NO.to(acc)).sum(-1)
+
+
+def _fake_saved_rows(backend: str, like: Tensor, n_rows: int) -> int:
+    """Rows of the saved xs: none for Triton, the N sorted rows for the torch backend."""
+    return 0 if uses_triton(backend, like) else n_rows
+
+
+def _fake_routing(idx_TK: Tensor, n_experts: int) -> list[Tensor]:
+    N = idx_TK.numel()
+    return [
+        idx_TK.new_empty(N, dtype=torch.long),
+        idx_TK.new_empty(N, dtype=torch.long),
+        idx_TK.new_empty(n_experts + 1, dtype=torch.long),
+        idx_TK.new_empty(n_experts, dtype=torch.long),
+    ]
+
+
+def _needed(grads, needed) -> tuple:
+    """The gradients asked for, None for the others (the op returns those as empty tensors)."""
+    return tuple(g if need else None for g, need in zip(grads, needed, strict=True))
+
+
+def _matmul_body(
+    x: Tensor, w_EIO: Tensor, idx_TK: Tensor, gates_TK: Tensor | None, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T, K = idx_TK.shape
+    E, I, O = w_EIO.shape
+    routing = _route(idx_TK, E, backend, x)
+    be = make_backend(backend, x, routing, K)
+    xs = _input_rows(be, x)
+    ys_NO = be.mm(xs, w_EIO)
+    if gates_TK is None:
+        out = be.unsort(ys_NO).view(T, K, O)
+    else:
+        out = be.sum_slots(ys_NO * be.row_gates(gates_TK))
+    return out, *routing, _saved_rows(be, xs, I)
+
+
+expert_matmul_op = define("expert_matmul", _matmul_body)
+
+
+@expert_matmul_op.register_fake
+def _(x, w_EIO, idx_TK, gates_TK, backend):
+    T, K = idx_TK.shape
+    E, I, O = w_EIO.shape
+    out = x.new_empty(T, K, O) if gates_TK is None else x.new_empty(T, O)
+    R = _fake_saved_rows(backend, x, T * K)
+    return out, *_fake_routing(idx_TK, E), x.new_empty(R, I)
+
+
+def _matmul_backward_body(
+    grad_out: Tensor,
+    x: Tensor | None,
+    w_EIO: Tensor,
+    gates_TK: Tensor | None,
+    order_N: Tensor,
+    inverse_N: Tensor,
+    offsets_E1: Tensor,
+    counts_E: Tensor,
+    xs_NI: Tensor,
+    backend: str,
+    x_per_slot: bool,
+    need_x: bool,
+    need_w: bool,
+    need_gates: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gate gradient <dy, x @ w> is taken as <dy @ w^T, x>, so the outputs are never saved."""
+    T = grad_out.shape[0]
+    E, I, O = w_EIO.shape
+    gated = gates_TK is not None
+    K = gates_TK.shape[1] if gated else grad_out.shape[1]
+    be = make_backend(backend, w_EIO, Routing(order_N, inverse_N, offsets_E1, counts_E), K)
+    xs = _backward_rows(be, x, xs_NI)
+    if gated:
+        gs_N1 = be.row_gates(gates_TK)
+        dys = be.take_tokens(grad_out)  # not yet weighted by the gates
+    else:
+        dys = be.take_flat(grad_out.reshape(T * K, O))
+    dx, dw, dgates = (w_EIO.new_empty(0) for _ in range(3))
+    if need_x or need_gates:
+        dxs_NI = be.mm(dys, w_EIO, transpose=True)
+        if gated:
+            if need_gates:
+                dgates = be.unsort(_row_dot(dxs_NI, xs.materialize()))
+                dgates = dgates.view(T, K).to(gates_TK.dtype)
+            dxs_NI = dxs_NI * gs_N1
+        if need_x and not x_per_slot:
+            dx = be.sum_slots(dxs_NI)
+        elif need_x:
+            dx = be.unsort(dxs_NI).view(T, K, I)
+    if need_w:
+        if gated:
+            xs = Rows(xs.materialize() * gs_N1)
+        dw = be.mm_dw(xs, dys)
+    return dx, dw, dgates
+
+
+expert_matmul_backward_op = define("expert_matmul_backward", _matmul_backward_body)
+
+
+@expert_matmul_backward_op.register_fake
+def _(grad_out, x, w_EIO, gates_TK, order_N, inverse_N, offsets_E1, counts_E, xs_NI, backend,
+      x_per_slot, need_x, need_w, need_gates):  # fmt: skip
+    T = grad_out.shape[0]
+    E, I, O = w_EIO.shape
+    K = gates_TK.shape[1] if gates_TK is not None else grad_out.shape[1]
+    dx = w_EIO.new_empty((T, K, I) if x_per_slot else (T, I)) if need_x else w_EIO.new_empty(0)
+    dw = w_EIO.new_empty(E, I, O) if need_w else w_EIO.new_empty(0)
+    dgates = w_EIO.new_empty(T, K) if need_gates else w_EIO.new_empty(0)
+    return dx, dw, dgates
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    x, w_EIO, idx_TK, gates_TK, backend = inputs
+    _, *routing, xs_NI = output
+    ctx.mark_non_differentiable(xs_NI)
+    ctx.set_materialize_grads(False)
+    ctx.backend, ctx.x_per_slot = backend, x.dim() == 3
+    ctx.save_for_backward(x if uses_triton(backend, x) else None, w_EIO, gates_TK, *routing, xs_NI)
+
+
+def _matmul_backward(ctx, grad_out, *_):
+    need_x, need_w, _, need_gates, _ = ctx.needs_input_grad
+    if grad_out is None:
+        return None, None, None, None, None
+    x, w_EIO, gates_TK, *routing, xs_NI = ctx.saved_tensors
+    need_gates = need_gates and gates_TK is not None
+    grads = expert_matmul_backward_op(
+        grad_out, x, w_EIO, gates_TK, *routing, xs_NI,
+        ctx.backend, ctx.x_per_slot, need_x, need_w, need_gates,
+    )  # fmt: skip
+    dx, dw, dgates = _needed(grads, (need_x, need_w, need_gates))
+    return dx, dw, None, dgates, None
+
+
+expert_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+
+
+def _mlp_body(
+    x_TD: Tensor,
+    w1_EDG: Tensor,
+    w2_EGD: Tensor,
+    idx_TK: Tensor,
+    gates_TK: Tensor,
+    activation: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    K = idx_TK.shape[1]
+    routing = _route(idx_TK, w1_EDG.shape[0], backend, x_TD)
+    be = make_backend(backend, x_TD, routing, K)
+    gs_N1 = be.row_gates(gates_TK)
+    xs = be.take_tokens(x_TD)
+    h_NG = be.mm(xs, w1_EDG)
+    ag_NG = activate(activation, h_NG) * gs_N1
+    out_TD = be.sum_slots(be.mm(Rows(ag_NG), w2_EGD))
+    return out_TD, *routing, _saved_rows(be, xs, x_TD.shape[1]), be.compact(h_NG)
+
+
+expert_mlp_op = define("expert_mlp", _mlp_body)
+
+
+@expert_mlp_op.register_fake
+def _(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend):
+    T, K = idx_TK.shape
+    E, D, G = w1_EDG.shape
+    R = _fake_saved_rows(backend, x_TD, T * K)
+    routing = _fake_routing(idx_TK, E)
+    return x_TD.new_empty(T, D), *routing, x_TD.new_empty(R, D), x_TD.new_empty(T * K, G)
+
+
+def _mlp_backward_body(
+    grad_TD: Tensor,
+    x_TD: Tensor | None,
+    w1_EDG: Tensor,
+    w2_EGD: Tensor,
+    gates_TK: Tensor,
+    order_N: Tensor,
+    inverse_N: Tensor,
+    offsets_E1: Tensor,
+    counts_E: Tensor,
+    xs_ND: Tensor,
+    h_sorted_NG: Tensor,
+    activation: str,
+    backend: str,
+    need_x: bool,
+    need_w1: bool,
+    need_w2: bool,
+    need_gates: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Nothing is gathered twice: the backward reuses the routing, the gathered rows and h."""
+    T, K = gates_TK.shape
+    be = make_backend(backend, w1_EDG, Routing(order_N, inverse_N, offsets_E1, counts_E), K)
+    xs = _backward_rows(be, x_TD, xs_ND)
+    h_NG = be.from_compact(h_sorted_NG).data  # in the backend's row layout
+    gs_N1 = be.row_gates(gates_TK)
+    a_NG = activate(activation, h_NG)
+    dout = be.take_tokens(grad_TD)
+    da_NG = be.mm(dout, w2_EGD, transpose=True)  # gradient of the unweighted activations
+    dx, dw1, dw2, dgates = (w1_EDG.new_empty(0) for _ in range(4))
+    if need_gates:
+        dgates = be.unsort(_row_dot(da_NG, a_NG)).view(T, K).to(gates_TK.dtype)
+    if need_w2:
+        dw2 = be.mm_dw(Rows(a_NG * gs_N1), dout)
+    if need_x or need_w1:
+        dh = Rows(activate_backward(activation, h_NG, da_NG * gs_N1))
+        if need_w1:
+            dw1 = be.mm_dw(xs, dh)
+        if need_x:
+            dx = be.sum_slots(be.mm(dh, w1_EDG, transpose=True))
+    return dx, dw1, dw2, dgates
+
+
+expert_mlp_backward_op = define("expert_mlp_backward", _mlp_backward_body)
+
+
+@expert_mlp_backward_op.register_fake
+def _(grad_TD, x_TD, w1_EDG, w2_EGD, gates_TK, order_N, inverse_N, offsets_E1, counts_E, xs_ND,
+      h_NG, activation, backend, need_x, need_w1, need_w2, need_gates):  # fmt: skip
+    def grad(need, *shape):
+        return w1_EDG.new_empty(*shape) if need else w1_EDG.new_empty(0)
+
+    return (
+        grad(need_x, *grad_TD.shape),
+        grad(need_w1, *w1_EDG.shape),
+        grad(need_w2, *w2_EGD.shape),
+        grad(need_gates, *gates_TK.shape),
+    )
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend = inputs
+    _, *routing, xs_ND, h_NG = output
+    ctx.mark_non_differentiable(xs_ND, h_NG)
+    ctx.set_materialize_grads(False)
+    ctx.activation, ctx.backend = activation, backend
+    x_saved = x_TD if uses_triton(backend, x_TD) else None
+    ctx.save_for_backward(x_saved, w1_EDG, w2_EGD, gates_TK, *routing, xs_ND, h_NG)
+
+
+def _mlp_backward(ctx, grad_TD, *_):
+    need_x, need_w1, need_w2, _, need_gates, _, _ = ctx.needs_input_grad
+    if grad_TD is None:
+        return (None,) * 7
+    grads = expert_mlp_backward_op(
+        grad_TD, *ctx.saved_tensors, ctx.activation, ctx.backend,
+        need_x, need_w1, need_w2, need_gates,
+    )  # fmt: skip
+    dx, dw1, dw2, dgates = _needed(grads, (need_x, need_w1, need_w2, need_gates))
+    return dx, dw1, dw2, None, dgates, None, None
+
+
+expert_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)

@@ -1,0 +1,110 @@
+"""HostReads: a dispatch mode that records the aten ops which read device data back to the host.
+
+On CUDA each of these waits for the device (a synchronisation): reading a value (item, int(t),
+bool(t), tolist, numpy), ops whose output size depends on the data (nonzero, masked_select,
+unique, boolean-mask indexing, repeat_interleave without output_size), bincount (it reads the
+largest id), and copies from a device to the CPU. Run on CPU tensors, the mode finds in the code
+that would run on CUDA what would synchronise there. tolist and numpy read CPU tensors without
+an aten call, so a torch-function mode beside it records those. It descends into the moe_kernels
+custom ops (a mode sees an op, not the aten ops inside), running their bodies under itself.
+
+    with HostReads() as reads:
+        loss = model(x).sum()
+        loss.backward()
+    assert not reads.ops, reads.ops
+"""
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moe_kernels.library import BODIES, NAMESPACE
+
+aten = torch.ops.aten
+
+_ALWAYS = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.nonzero.default,
+    aten.nonzero_numpy.default,
+    aten.argwhere.default,
+    aten.masked_select.default,
+    aten.bincount.default,
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim_consecutive.default,
+}
+_REPEAT_INTERLEAVE = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
+_INDEXING = {
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+}
+
+
+def _is_mask(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+
+
+def reads_host(func, args, kwargs) -> bool:
+    """Whether this aten call reads device data on the host (see the module docstring)."""
+    if func in _ALWAYS:
+        return True
+    if func in _REPEAT_INTERLEAVE:
+        return kwargs.get("output_size") is None
+    if func in _INDEXING:
+        return any(_is_mask(i) for i in args[1] if i is not None)
+    if func is aten._to_copy.default:
+        to_cpu = kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu"
+        return to_cpu and args[0].device.type != "cpu"
+    if func is aten.copy_.default:
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
+
+
+class _ValueReads(TorchFunctionMode):
+    def __init__(self, ops: list[str]):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.numpy):
+            self.ops.append(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(TorchDispatchMode):
+    """Records in `ops` the name of every call that reads device data on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self._values = _ValueReads(self.ops)
+
+    def __enter__(self):
+        self._values.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._values.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        try:
+            super().__exit__(exc_type, exc_value, traceback)
+        finally:
+            self._values.__exit__(exc_type, exc_value, traceback)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == NAMESPACE:
+            with self:
+                return BODIES[func._opname](*args, **kwargs)
+        if reads_host(func, args, kwargs):
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
