@@ -1,12 +1,18 @@
-"""The Python examples of the README and of moe-layers' README (its PyPI page) run as written."""
+"""The examples of the READMEs (the project's, moe-layers' PyPI page, moe-models') run as written,
+and the README's plugin commands train and evaluate the plugin it shows."""
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "packages/layers/README.md"]
+READMES = [
+    ROOT / "README.md",
+    ROOT / "packages/layers/README.md",
+    ROOT / "packages/models/README.md",
+]
 BLOCKS = [
     (readme, block)
     for readme in READMES
@@ -23,3 +29,40 @@ def test_readme_has_python_examples(readme):
 def test_readme_example_runs(index):
     readme, block = BLOCKS[index]
     exec(compile(block, f"{readme.name} example {index}", "exec"), {"__name__": "readme"})
+
+
+def test_the_readme_plugin_trains_and_evaluates_through_the_cli(tmp_path, monkeypatch, capsys):
+    """The `# my_layer.py` block saved as that file, then the README's commands after it, with a
+    smaller batch and evaluation so that the test stays quick."""
+    from moe_models import registry
+    from moe_train.cli import main
+
+    # a registry without the name the README's Python example (run in this process) registered
+    monkeypatch.setattr(
+        registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != "glu"}
+    )
+    text = (ROOT / "README.md").read_text()
+    plugin = next(
+        b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "my_layer.py" in b
+    )
+    commands = re.search(r"```python\n# my_layer\.py.*?```\s*```bash\n(.*?)```", text, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_layer.py").write_text(plugin)
+    lines = commands.group(1).replace("\\\n", " ").strip().splitlines()
+    quick = {
+        "train": [
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--no-tensorboard",
+            "train.final_eval_batches=2",
+        ],
+        "eval": ["--max-batches", "2", "--batch-size", "4"],
+    }
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[:4] == ["uv", "run", "--frozen", "moe-train"], line
+        rc = main([*argv[4:], *quick[argv[4]]])
+        assert rc == 0, capsys.readouterr().err
+    assert "glu" in (tmp_path / "runs/glu/config.json").read_text()
+    assert list((tmp_path / "runs/glu/checkpoints").glob("eval-*.json"))

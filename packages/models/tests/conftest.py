@@ -3,23 +3,24 @@
 import moe_models
 import pytest
 import torch
-from moe_models import FFNConfig, ModelConfig
+from moe_models import ModelConfig
 
 # the models here are tiny: a second thread only adds synchronisation, which costs 10x on a
 # shared, busy machine
 torch.set_num_threads(1)
 
-# small sizes for each FFN type; GShard's eval capacity is large enough that nothing is dropped
+# small sizes for each registered FFN type; the capacity-limited ones drop tokens in training
 FFN_OPTIONS = {
-    "dense": dict(d_ff=64),
-    "sigma_moe": dict(n_experts=4, expert_size=16, k=2, entropy_weight=1e-3, d_ff=64),
-    "topk": dict(d_ff=64, k=8),
-    "pkm": dict(pkm_keys=6, pkm_heads=2, pkm_knn=4),
-    "switch": dict(n_experts=4, expert_size=16),
+    "dense": dict(),
+    "sigma_moe": dict(n_experts=4, expert_size=16, k=2, entropy_weight=1e-3),
+    "topk": dict(k=8),
+    "pkm": dict(n_keys=6, n_heads=2, knn=4),
+    "switch": dict(n_experts=4, expert_size=16, capacity_factor=1.0),
     "sbase": dict(n_experts=4, expert_size=16, k=2),
-    "gshard": dict(n_experts=4, expert_size=16, eval_capacity_factor=4.0, d_ff=64),
-    "base": dict(n_experts=4, expert_size=16, d_ff=64),
-    "hash": dict(n_experts=4, expert_size=16, d_ff=64),
+    "gshard": dict(n_experts=4, expert_size=16, capacity_factor=0.5),
+    "base": dict(n_experts=4, expert_size=16),
+    "hash": dict(n_experts=4, expert_size=16),
+    "tmoe": dict(n_experts=4, expert_size=16),
 }
 
 
@@ -35,7 +36,8 @@ def small_config(arch: str, ffn_type: str, **overrides) -> ModelConfig:
         moe_interval=2 if arch == "smlp" else 1,
         smlp_d_ff=48,
         smlp_n_chunks=4,
-        ffn=FFNConfig(type=ffn_type, **FFN_OPTIONS[ffn_type]),
+        d_ff=64,
+        ffn={"type": ffn_type, **FFN_OPTIONS[ffn_type]},
     )
     return moe_models.get_config(base, **overrides)
 

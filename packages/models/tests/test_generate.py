@@ -36,10 +36,10 @@ def test_xl_reads_long_prompts_segment_by_segment(small):
     prompt = torch.randint(0, 37, (1, 40))
     out = moe_models.generate(model, prompt, 3, greedy=True)
     with torch.no_grad():
-        mems = None
+        state = None
         for seg in prompt.split(16, dim=1):
-            last = model(seg, mems=mems)
-            mems = last.mems
+            last = model(seg, state=state)
+            state = last.state
     assert out[0, 40] == last.logits[0, -1].argmax()
 
 
@@ -59,6 +59,31 @@ def test_sampling_is_reproducible_with_a_generator_and_respects_top_k(small):
     assert torch.equal(b, c)
 
 
+def test_top_p_sampling_only_picks_from_the_nucleus(small):
+    """Each pick lies in the smallest set of most likely tokens whose mass reaches top_p."""
+    model = small("decoder", "dense", 0).eval()
+    prompt = torch.randint(0, 37, (64, 3))
+    with torch.no_grad():
+        probs = model(prompt).logits[:, -1].float().softmax(-1)
+    out = moe_models.generate(
+        model, prompt, 1, top_p=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    for row in range(64):
+        order = probs[row].argsort(descending=True)
+        mass = probs[row][order].cumsum(0)
+        nucleus = order[: int((mass < 0.5).sum()) + 1]
+        assert out[row, -1] in nucleus
+
+
+def test_stream_yields_the_tokens_generate_returns(small):
+    model = small("smlp", "dense", 0).eval()
+    prompt = torch.randint(0, 37, (2, 20))
+    streamed = list(moe_models.stream(model, prompt, 5, greedy=True))
+    assert torch.equal(
+        torch.stack(streamed, 1), moe_models.generate(model, prompt, 5, greedy=True)[:, 20:]
+    )
+
+
 def test_top_k_sampling_only_picks_among_the_k_best(small):
     model = small("decoder", "dense", 0).eval()
     prompt = torch.randint(0, 37, (64, 3))
@@ -76,6 +101,8 @@ def test_top_k_sampling_only_picks_among_the_k_best(small):
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(temperature=0.0), "temperature"),
         (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=float("inf")), "temperature"),
     ],
 )
 def test_bad_generation_options_are_clear_errors(small, kwargs, message):

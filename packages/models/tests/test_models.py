@@ -1,18 +1,21 @@
 """Output shapes, causality, Transformer-XL memory, the decoder cache and the loss of every model."""
 
+import moe_models
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moe_layers import collect_routing_stats
 from moe_models import IGNORE_INDEX
-from moe_models.config import ARCHS, FFN_TYPES
+from moe_models.config import ARCHS
+from moe_models.registry import BUILTIN_FFNS
 from torch.nn import functional as F
 
-ALL = [(a, f) for a in ARCHS for f in FFN_TYPES]
+ALL = [(a, f) for a in ARCHS for f in list(BUILTIN_FFNS)]
 
 
 @pytest.mark.parametrize("arch,ffn", ALL)
-@settings(max_examples=4)  # 27 combinations: few examples each keeps the suite fast
+@settings(max_examples=4)  # 30 combinations: few examples each keeps the suite fast
 @given(
     batch=st.integers(1, 3),
     length=st.integers(1, 16),
@@ -48,8 +51,8 @@ def test_xl_memory_matches_one_long_window(small, ffn, first, second, seed):
     with torch.no_grad():
         whole = model(tokens).logits
         out1 = model(tokens[:, :first])
-        out2 = model(tokens[:, first:], mems=out1.mems)
-    assert [m.shape[1] for m in out2.mems] == [min(first, second + first)] * 2
+        out2 = model(tokens[:, first:], state=out1.state)
+    assert [m.shape[1] for m in out2.state] == [min(first, second + first)] * 2
     torch.testing.assert_close(torch.cat([out1.logits, out2.logits], 1), whole)
 
 
@@ -62,10 +65,10 @@ def test_xl_memory_is_a_sliding_window(small, seg, mem_len, seed):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 37, (2, 3 * seg), generator=g)
     with torch.no_grad():
-        mems = None
+        state = None
         for s in range(3):
-            out = model(tokens[:, s * seg : (s + 1) * seg], mems=mems)
-            mems = out.mems
+            out = model(tokens[:, s * seg : (s + 1) * seg], state=state)
+            state = out.state
         start = max(2 * seg - mem_len, 0)
         direct = model(tokens[:, start:]).logits[:, -seg:]
     torch.testing.assert_close(out.logits, direct)
@@ -79,10 +82,10 @@ def test_decoder_cache_matches_full_pass(small, ffn, prefix, steps, seed):
     tokens = torch.randint(0, 37, (2, prefix + steps), generator=g)
     with torch.no_grad():
         full = model(tokens).logits
-        out = model(tokens[:, :prefix], use_cache=True)
+        out = model(tokens[:, :prefix], state=model.init_state())
         pieces = [out.logits]
         for t in range(prefix, prefix + steps):
-            out = model(tokens[:, t : t + 1], past_kv=out.past_kv, use_cache=True)
+            out = model(tokens[:, t : t + 1], state=out.state)
             pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
 
@@ -139,11 +142,11 @@ def test_smlp_window_is_a_clear_error(small):
 
 def test_mismatched_xl_memory_is_a_clear_error(small):
     model = small("transformer_xl", "dense")
-    mems = model(torch.zeros(2, 4, dtype=torch.long)).mems
-    with pytest.raises(ValueError, match=r"mems must be \[B=3"):
-        model(torch.zeros(3, 4, dtype=torch.long), mems=mems)
+    state = model(torch.zeros(2, 4, dtype=torch.long)).state
+    with pytest.raises(ValueError, match=r"state must be \[B=3"):
+        model(torch.zeros(3, 4, dtype=torch.long), state=state)
     with pytest.raises(ValueError, match="one tensor per layer"):
-        model(torch.zeros(2, 4, dtype=torch.long), mems=mems[:1])
+        model(torch.zeros(2, 4, dtype=torch.long), state=state[:1])
 
 
 @given(length=st.integers(5, 16), seed=st.integers(0, 2**16), data=st.data())
@@ -172,9 +175,8 @@ def test_model_code_runs_under_bf16_autocast(small, arch):
     model = small(arch, "dense", 0)
     tokens = torch.randint(0, 37, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(tokens, tokens)
-        if arch == "transformer_xl":
-            out = model(tokens, tokens, mems=out.mems)
+        out = model(tokens, tokens, state=model.init_state())
+        out = model(tokens, tokens, state=out.state)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -209,3 +211,30 @@ def test_odd_sizes_and_all_experts_selected(small, arch, length, seed, data):
     changed[:, pos] = (changed[:, pos] + 1) % 37
     with torch.no_grad():
         torch.testing.assert_close(model(changed).logits[:, :pos], out.logits[:, :pos].detach())
+
+
+TINY = [n for n in moe_models.presets() if n.startswith("tiny-")]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_tiny_preset_is_causal_in_eval_even_where_training_drops_tokens(name):
+    """Capacity-limited layers at a capacity that really drops tokens in training: in eval mode
+    (no capacity limit by default) a token's logits never depend on later tokens, nor on the
+    other sequences of the batch."""
+    over = {}
+    if moe_models.ffn_name(moe_models.get_config(name).ffn) in ("gshard", "switch"):
+        over["capacity_factor"] = 0.25
+    torch.manual_seed(0)
+    model = moe_models.build(name, vocab_size=50, **over)
+    tokens = torch.randint(0, 50, (3, 48), generator=torch.Generator().manual_seed(1))
+    if over:
+        model.train()(tokens)
+        dropped = sum(s.dropped for s in collect_routing_stats(model).values())
+        assert dropped > 0, "the test's capacity drops tokens in training"
+    model.eval()
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 50
+    changed[2] = torch.randint(0, 50, (48,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = model(tokens).logits, model(changed).logits
+    torch.testing.assert_close(a[:2, :-1], b[:2, :-1], rtol=1e-5, atol=1e-5)

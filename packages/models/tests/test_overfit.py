@@ -3,7 +3,8 @@
 import moe_models
 import pytest
 import torch
-from moe_models.config import ARCHS, FFN_TYPES
+from moe_models.config import ARCHS
+from moe_models.registry import BUILTIN_FFNS
 
 
 def fit(model, tokens, targets, steps=30, lr=1e-2):
@@ -20,7 +21,7 @@ def fit(model, tokens, targets, steps=30, lr=1e-2):
 
 
 # one layer (sMLP: one sparse block, whose channel FFN is the FFN type)
-CASES = [(a, f) for a in ARCHS for f in FFN_TYPES]
+CASES = [(a, f) for a in ARCHS for f in list(BUILTIN_FFNS)]
 
 
 @pytest.mark.parametrize("arch,ffn", CASES)

@@ -3,8 +3,8 @@
 import moe_models
 import pytest
 import torch
-from moe_models import count_parameters, dense_twin, flops_per_token
-from moe_models.config import FFN_TYPES
+from moe_models import count_parameters, dense_twin, ffn_name, flops_per_token
+from moe_models.registry import BUILTIN_FFNS
 
 TINY = [n for n in moe_models.presets() if n.startswith("tiny-")]
 
@@ -18,12 +18,15 @@ def test_counting_a_config_matches_counting_the_built_model(name):
 
 
 @pytest.mark.parametrize("n_experts", [3, 5, 17])
-def test_extrapolated_expert_counts_are_exact(small, n_experts):
-    """Routed layers are counted at two small expert counts and extrapolated."""
-    for ffn in ("sigma_moe", "switch", "gshard", "base", "hash"):
-        cfg = small.config("decoder", ffn, n_experts=n_experts, k=2)
+def test_analytic_expert_counts_are_exact(small, n_experts):
+    """Routed layers are counted by their configs' formulas, without building them."""
+    for ffn in ("sigma_moe", "switch", "gshard", "base", "hash", "tmoe"):
+        options = (
+            dict(n_experts=n_experts, k=2) if ffn == "sigma_moe" else dict(n_experts=n_experts)
+        )
+        cfg = small.config("decoder", ffn, **options)
         assert count_parameters(cfg)["total"] == sum(
-            p.numel() for p in small("decoder", ffn, n_experts=n_experts, k=2).parameters()
+            p.numel() for p in small("decoder", ffn, **options).parameters()
         )
 
 
@@ -35,7 +38,7 @@ def test_active_parameters_of_sigma_moe(small):
     assert counts["active"] == counts["total"] - inactive
 
 
-@pytest.mark.parametrize("ffn", FFN_TYPES)
+@pytest.mark.parametrize("ffn", list(BUILTIN_FFNS))
 def test_active_never_exceeds_total(small, ffn):
     counts = count_parameters(small.config("transformer_xl", ffn))
     assert 0 < counts["active"] <= counts["total"]
@@ -62,11 +65,11 @@ def test_tied_embeddings_count_once():
 def test_parameter_twin_has_the_same_size(name):
     moe = moe_models.get_config(name)
     twin = dense_twin(moe, match="params")
-    n_ffn = sum(moe.layer_ffn_config(i).type != "dense" for i in range(moe.n_layers))
+    n_ffn = sum(ffn_name(moe.layer_ffn_config(i)) != "dense" for i in range(moe.n_layers))
     # each twin FFN is rounded to a whole hidden unit: within 2 d_model + 1 parameters per layer
     slack = n_ffn * (moe.d_model + 1)
     assert abs(count_parameters(twin)["total"] - count_parameters(moe)["total"]) <= slack
-    assert all(twin.layer_ffn_config(i).type == "dense" for i in range(twin.n_layers))
+    assert all(ffn_name(twin.layer_ffn_config(i)) == "dense" for i in range(twin.n_layers))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import moe_models
 import pytest
 from moe_train.cli import main
 
@@ -16,6 +17,20 @@ TINY_MODEL = [
     "n_experts=4",
     "expert_size=16",
 ]
+
+
+def tiny_model(preset: str) -> list[str]:
+    """TINY_MODEL without the options the preset's FFN does not have (a dense FFN has no
+    experts, and naming them is an error)."""
+    ffn = moe_models.get_config(preset).ffn
+    return [
+        o
+        for o in TINY_MODEL
+        if o.split("=")[0] in ("d_model", "n_layers", "n_heads", "seq_len", "d_ff")
+        or hasattr(ffn, o.split("=")[0])
+    ]
+
+
 TINY_TRAIN = [
     "--batch-size",
     "4",
@@ -35,6 +50,7 @@ class CLI:
 
     TINY_MODEL = TINY_MODEL
     TINY_TRAIN = TINY_TRAIN
+    tiny_model = staticmethod(tiny_model)
 
     def __init__(self, capsys):
         self.capsys = capsys
@@ -46,7 +62,8 @@ class CLI:
         return rc, out, err
 
     def train(self, out: Path, *extra: str, preset: str = "tiny-sigma-moe") -> tuple[int, str, str]:
-        return self("train", "--preset", preset, "--out", out, *TINY_TRAIN, *TINY_MODEL, *extra)
+        model = tiny_model(preset)
+        return self("train", "--preset", preset, "--out", out, *TINY_TRAIN, *model, *extra)
 
     @staticmethod
     def metrics(run_dir: Path) -> list[dict]:

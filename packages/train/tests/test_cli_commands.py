@@ -137,4 +137,12 @@ def test_info_prints_config_counts_and_flops(cli):
     assert info["parameters"] == moe_models.count_parameters(cfg)
     assert info["flops_per_token"] == moe_models.flops_per_token(cfg)
     rc, stdout, _ = cli("info", "--list")
-    assert rc == 0 and stdout.split() == moe_models.presets()
+    assert rc == 0
+    header, *rows = stdout.splitlines()
+    assert header.split()[:3] == ["preset", "params", "active"]
+    assert [r.split()[0] for r in rows] == moe_models.presets()
+    for row in rows:
+        name, total = row.split()[:2]
+        assert moe_models.preset_info(name).description in row
+        counted = moe_models.count_parameters(moe_models.get_config(name))["total"]
+        assert total == f"{counted / 1e6:.1f}M" or total.endswith(("B", "k"))

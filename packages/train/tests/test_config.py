@@ -26,9 +26,15 @@ def test_overrides_reach_model_and_train_fields_with_their_types():
 
 
 def test_ffn_takes_a_type_name_or_a_json_table():
-    assert resolve(overrides=["ffn=dense"]).model.ffn.type == "dense"
+    assert moe_models.ffn_name(resolve(overrides=["ffn=dense"]).model.ffn) == "dense"
     cfg = resolve(overrides=['ffn={"type": "dense", "d_ff": 96}'])
-    assert cfg.model.ffn.type == "dense" and cfg.model.ffn.d_ff == 96
+    assert moe_models.ffn_name(cfg.model.ffn) == "dense" and cfg.model.ffn.d_ff == 96
+    cfg = resolve(overrides=["ffn.expert_size=32", "k=3"])
+    assert (cfg.model.ffn.expert_size, cfg.model.ffn.k) == (32, 3)
+
+
+def test_seq_len_flag_reaches_the_model():
+    assert resolve(model_flags={"seq_len": 32}).model.seq_len == 32
 
 
 def test_precedence_file_then_flags_then_overrides(tmp_path):
@@ -86,20 +92,24 @@ def test_config_file_with_unknown_table_or_bad_syntax(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, like, expected",
+    "text, hint, expected",
     [
-        ("true", False, True),
-        ("0", True, False),
-        ("12", 3, 12),
-        ("1e-3", 0.5, 1e-3),
-        ("none", None, None),
-        ("4", None, 4),
-        ("gelu", "relu", "gelu"),
-        ("1,2", (0,), (1, 2)),
+        ("true", bool, True),
+        ("0", bool, False),
+        ("12", int, 12),
+        ("1e-3", float, 1e-3),
+        ("none", float | None, None),
+        ("4", int | None, 4),
+        ("gelu", str, "gelu"),
     ],
 )
-def test_parse_value_reads_the_type_of_the_replaced_value(text, like, expected):
-    assert parse_value(text, like, "k") == expected
+def test_parse_value_reads_the_type_of_the_field(text, hint, expected):
+    assert parse_value(text, "k", hint) == expected
+
+
+def test_parse_value_names_the_field_it_cannot_read():
+    with pytest.raises(CLIError, match="train.lr='fast'"):
+        parse_value("fast", "train.lr", float)
 
 
 def test_split_overrides_routes_by_prefix():

@@ -1,26 +1,33 @@
 """moe_models: Transformer-XL, fairseq-style MoE decoder and sparse all-MLP language models."""
 
 from moe_models.api import build, get_config
-from moe_models.common import IGNORE_INDEX, ModelOutput
-from moe_models.config import FFNConfig, ModelConfig, config_from_dict, config_to_dict
-from moe_models.generate import generate
-from moe_models.presets import PAPER_SIZES, SIZE_TOLERANCE, presets
+from moe_models.common import IGNORE_INDEX, LanguageModel, ModelOutput
+from moe_models.config import ModelConfig, config_from_dict, config_to_dict, ffn_to_dict
+from moe_models.generate import generate, stream
+from moe_models.presets import Preset, preset_info, presets
+from moe_models.registry import ffn_config_class, ffn_name, register_ffn, registered_ffns
 from moe_models.utils import count_parameters, dense_twin, flops_per_token
 
 __all__ = [
     "IGNORE_INDEX",
-    "PAPER_SIZES",
-    "SIZE_TOLERANCE",
-    "FFNConfig",
+    "LanguageModel",
     "ModelConfig",
     "ModelOutput",
+    "Preset",
     "build",
-    "count_parameters",
-    "dense_twin",
-    "flops_per_token",
-    "generate",
     "config_from_dict",
     "config_to_dict",
+    "count_parameters",
+    "dense_twin",
+    "ffn_config_class",
+    "ffn_name",
+    "ffn_to_dict",
+    "flops_per_token",
+    "generate",
     "get_config",
+    "preset_info",
     "presets",
+    "register_ffn",
+    "registered_ffns",
+    "stream",
 ]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from moe_models.config import ModelConfig, apply_overrides, validate
+from moe_models.config import ModelConfig, apply_overrides
 from moe_models.presets import preset
 
 
 def get_config(name_or_config: str | ModelConfig, **overrides) -> ModelConfig:
-    """The validated config of a preset (or a copy of `name_or_config`) with `overrides` applied.
+    """The config of a preset (or `name_or_config` itself) with `overrides` applied.
 
     Unknown preset names, unknown override keys and impossible sizes raise ValueError.
     """
@@ -21,7 +21,7 @@ def get_config(name_or_config: str | ModelConfig, **overrides) -> ModelConfig:
         raise ValueError(
             f"expected a preset name or a ModelConfig, got {type(name_or_config).__name__}"
         )
-    return apply_overrides(cfg, overrides) if overrides else validate(cfg)
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 def build(name_or_config: str | ModelConfig, **overrides) -> nn.Module:

@@ -1,9 +1,19 @@
-"""What every language model here shares: the output record, input checks and the loss."""
+"""What every language model here shares: the one call, the output record, input checks, loss.
+
+Every architecture is called as `model(tokens, targets=None, *, state=None)` and returns a
+`ModelOutput`. `state` is what carries context from one call to the next: the Transformer-XL
+memory, the decoder's key/value cache, the sMLP's window of earlier tokens. A model returns the
+state for its next call when there is one to carry: Transformer-XL always (its memory is part of
+training), the others only when they were given a state, which `model.init_state()` starts
+(generation does this). So a trainer and an evaluation feed `out.state` back without knowing the
+architecture, and `carries_state` tells them whether to read the data as contiguous streams.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from moe_layers import RoutingStats, collect_aux_losses, collect_routing_stats
@@ -18,17 +28,16 @@ IGNORE_INDEX = -100
 @dataclass
 class ModelOutput:
     """logits [B, L, V]; loss = lm_loss + sum of the weighted auxiliary losses (None without
-    targets); lm_loss: mean cross-entropy in nats per non-ignored target; aux_losses and
-    routing_stats from moe_layers' collectors; mems: Transformer-XL memory for the next segment;
-    past_kv: the decoder's key/value cache (only when asked for with use_cache=True)."""
+    targets); lm_loss: mean cross-entropy in nats per non-ignored target; aux_losses: the
+    weighted auxiliary losses by name, summed over layers; routing_stats by layer name; state:
+    the context for the next call (see the module docstring), or None."""
 
     logits: Tensor
     loss: Tensor | None = None
     lm_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     routing_stats: dict[str, RoutingStats] = field(default_factory=dict)
-    mems: list[Tensor] | None = None
-    past_kv: list[tuple[Tensor, Tensor]] | None = None
+    state: Any = None
 
 
 def sinusoid_table(positions: Tensor, dim: int) -> Tensor:
@@ -43,13 +52,22 @@ def sinusoid_table(positions: Tensor, dim: int) -> Tensor:
 
 
 class LanguageModel(nn.Module):
-    """Base of the three models: embedding checks, the output head and the loss."""
+    """Base of the three models: the input checks, the output head's loss and the output record.
+
+    carries_state: True when the state one training segment returns belongs to the next segment
+    of the same stream (the Transformer-XL memory), so that training reads contiguous streams.
+    """
 
     arch: str
+    carries_state: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+
+    def init_state(self):
+        """The state that starts a stream of calls (None: the model starts its own)."""
+        return None
 
     def check_tokens(self, tokens: Tensor, targets: Tensor | None) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
@@ -68,10 +86,13 @@ class LanguageModel(nn.Module):
                 f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}"
             )
 
-    def finish(self, logits_BLV: Tensor, targets: Tensor | None, **extra) -> ModelOutput:
+    def finish(self, logits_BLV: Tensor, targets: Tensor | None, state=None) -> ModelOutput:
         aux = collect_aux_losses(self)
         out = ModelOutput(
-            logits=logits_BLV, aux_losses=aux, routing_stats=collect_routing_stats(self), **extra
+            logits=logits_BLV,
+            aux_losses=aux,
+            routing_stats=collect_routing_stats(self),
+            state=state,
         )
         if targets is not None:
             out.lm_loss = lm_loss(logits_BLV, targets)

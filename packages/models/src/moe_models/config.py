@@ -1,62 +1,32 @@
-"""Model configurations as dataclasses, their validation, overrides and JSON round trip.
+"""The model config: one frozen dataclass, its validation, overrides and JSON round trip.
 
-A `ModelConfig` describes one language model; its `ffn` field (an `FFNConfig`) the feed-forward
-block of its layers. `layer_ffn` replaces that block in chosen layers, so layers may differ.
+A `ModelConfig` describes one language model. Its `ffn` is the config of the feed-forward layer
+of its MoE layers: an instance of a registered layer config class (`moe_models.registry`), e.g.
+`moe_layers.SigmaMoE.Config`, with the fields the model owns (d_model, n_layers, vocab_size)
+filled in from the model. `ffn` may also be given as a registered name or a dict
+`{"type": NAME, **options}`; missing `d_ff` and `activation` then come from the model's.
+`layer_ffn` replaces the layer of chosen layers, so layers may differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+from moe_models.registry import MODEL_FIELDS, ffn_config_class, ffn_name
 
 ARCHS = ("transformer_xl", "decoder", "smlp")
-FFN_TYPES = ("dense", "sigma_moe", "topk", "pkm", "switch", "sbase", "gshard", "base", "hash")
 POSITIONS = ("sinusoidal", "learned")
+SMLP_ROUTINGS = ("deterministic", "learned")
+# options an FFN given by name or dict takes from the model when it does not set them
+MODEL_DEFAULTS = ("d_ff", "activation")
 
 
-@dataclass
-class FFNConfig:
-    """The feed-forward block of a layer; `type` picks the moe_layers layer, the rest its options.
-
-    `d_ff` is the hidden size of the dense FFN (and of Top-K). MoE presets keep it at the size of
-    their parameter-equal dense twin, so overriding `ffn="dense"` gives that twin. Options a layer
-    type does not use are ignored by it.
-    """
-
-    type: str = "dense"
-    d_ff: int = 0
-    n_experts: int = 0
-    expert_size: int = 0
-    k: int = 1
-    activation: str = "relu"
-    dropout: float = 0.0
-    bias: bool = True
-    impl: str = "fast"
-    # σ-MoE / S-BASE regularisation
-    expert_dropout: float = 0.0
-    entropy_weight: float = 0.0
-    sinkhorn_iters: int = 3
-    # σ-MoE / Switch expert init: "dense" (W2 as a dense layer of width E*G) or "expert_size"
-    init: str = "dense"
-    # Switch / GShard
-    balance_variant: str = "switch"
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
-    load_balance_weight: float = 0.01
-    second_policy: str = "sampling"
-    normalize_after_drop: bool = True
-    gate_noise: float = 0.0
-    # PKM
-    pkm_keys: int = 0
-    pkm_heads: int = 4
-    pkm_knn: int = 32
-    pkm_activation: str = "softmax"
-    pkm_value_init: str = "default"
-    # HASH
-    hash_seed: int = 0
-
-
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """One language model.
 
@@ -64,10 +34,15 @@ class ModelConfig:
         Transformer with absolute positions, fairseq style) or "smlp" (sparse all-MLP).
     seq_len: the training segment length (the XL unroll T; the decoder's and sMLP's context).
     mem_len: Transformer-XL memory length (None: seq_len, i.e. one previous segment).
-    moe_interval: layer i uses `ffn` when (i + 1) % moe_interval == 0 and a dense FFN of size
-        `ffn.d_ff` otherwise (fairseq's moe_freq); 1 puts `ffn` in every layer. In the sMLP model it
-        places the sparse blocks instead; 0 there gives the dense gMLP baseline.
-    layer_ffn: {layer index: FFNConfig} overriding the block of single layers.
+    d_ff, activation: the dense FFN of the layers that are not MoE layers, and the defaults of
+        `ffn` given by name (so `ffn="dense"` on a MoE preset gives its parameter-equal twin).
+    ffn: the layer config of the MoE layers (see the module docstring).
+    moe_interval: layer i uses `ffn` when (i + 1) % moe_interval == 0 and the dense FFN otherwise
+        (fairseq's moe_freq); 1 puts `ffn` in every layer. In the sMLP model it places the sparse
+        blocks instead; 0 there gives the dense gMLP baseline.
+    layer_ffn: {layer index: layer config} overriding the FFN of single layers.
+    smlp_*: the sMLP's gMLP hidden size, its sMoE experts (chunks of d_model), their routing and
+        the routing prefix's share of the sequence.
     """
 
     arch: str = "transformer_xl"
@@ -83,15 +58,25 @@ class ModelConfig:
     tie_embeddings: bool = False
     positions: str = "sinusoidal"
     scale_embeddings: bool = False
-    ffn: FFNConfig = field(default_factory=FFNConfig)
+    d_ff: int = 512
+    activation: str = "relu"
+    ffn: Any = "dense"
     moe_interval: int = 1
-    layer_ffn: dict[int, FFNConfig] = field(default_factory=dict)
-    # sMLP: gMLP hidden size, sMoE experts (chunks of d_model), sMoE routing and its prefix share
+    layer_ffn: dict[int, Any] = field(default_factory=dict)
     smlp_d_ff: int = 0
     smlp_n_chunks: int = 4
     smlp_routing: str = "deterministic"
     smlp_prefix_fraction: float = 0.2
-    note: str = ""
+
+    def __post_init__(self) -> None:
+        _check_model_fields(self)
+        object.__setattr__(self, "ffn", ffn_config(self.ffn, self, where="ffn"))
+        layer_ffn = {}
+        for i, spec in self.layer_ffn.items():
+            index = _layer_index(i, self.n_layers)
+            layer_ffn[index] = ffn_config(spec, self, where=f"layer_ffn[{index}]")
+        object.__setattr__(self, "layer_ffn", layer_ffn)
+        _check_layers(self)
 
     @property
     def head_dim(self) -> int:
@@ -101,20 +86,97 @@ class ModelConfig:
     def memory_length(self) -> int:
         return self.seq_len if self.mem_len is None else self.mem_len
 
-    def layer_ffn_config(self, i: int) -> FFNConfig:
-        """The FFN of layer i, after `moe_interval` and `layer_ffn`."""
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_interval >= 1 and (i + 1) % self.moe_interval == 0
+
+    def layer_ffn_config(self, i: int):
+        """The FFN config of layer i, after `moe_interval` and `layer_ffn`."""
         if i in self.layer_ffn:
             return self.layer_ffn[i]
-        if self.moe_interval >= 1 and (i + 1) % self.moe_interval == 0:
+        if self.is_moe_layer(i):
             return self.ffn
-        return dataclasses.replace(
-            FFNConfig(),
-            type="dense",
-            d_ff=self.ffn.d_ff,
-            bias=self.ffn.bias,
-            activation=self.ffn.activation,
-            dropout=self.ffn.dropout,
+        return self.dense_ffn_config()
+
+    def dense_ffn_config(self):
+        return ffn_config("dense", self, where="the dense FFN (d_ff, activation)")
+
+
+def ffn_config(spec, model: ModelConfig, *, where: str, base=None):
+    """The layer config `spec` stands for, with the model's fields filled in.
+
+    spec: a registered config instance, a registered name, or a dict of options with an optional
+    "type" (default: the type of `base`, whose options the dict then changes). A name switches the
+    type and keeps the options the new type shares with `base`.
+    """
+    if isinstance(spec, str):
+        cls = ffn_config_class(spec)
+        options = _shared_options(base, cls) if base is not None else {}
+    elif isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("type", None)
+        if name is None and base is None:
+            raise ValueError(f"{where} needs a type (one of the registered FFN names)")
+        cls = ffn_config_class(name) if name is not None else type(base)
+        options = _options(base) if base is not None and type(base) is cls else {}
+        options.update(spec)
+    elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        ffn_name(spec)
+        return _with_model_fields(spec, model, where)
+    else:
+        raise ValueError(
+            f"{where} must be a registered FFN name, a dict of options or a layer config, "
+            f"got {spec!r}"
         )
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        valid = ", ".join(sorted(names - set(MODEL_FIELDS)))
+        raise ValueError(
+            f"unknown option(s) {unknown} of {where} ({ffn_name(cls)}); valid: {valid}"
+        )
+    for key in MODEL_DEFAULTS:
+        if key in names and key not in options:
+            options[key] = getattr(model, key)
+    owned = {key: getattr(model, key) for key in MODEL_FIELDS if key in names}
+    try:
+        return cls(**options, **owned)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _with_model_fields(spec, model, where: str):
+    names = {f.name for f in fields(spec)}
+    owned = {
+        key: getattr(model, key)
+        for key in MODEL_FIELDS
+        if key in names and getattr(spec, key) != getattr(model, key)
+    }
+    if not owned:
+        return spec
+    try:
+        return dataclasses.replace(spec, **owned)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _options(config) -> dict:
+    """The options of a layer config that are not the model's."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in MODEL_FIELDS}
+
+
+def _shared_options(base, cls) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in _options(base).items() if k in names}
+
+
+def _layer_index(i, n_layers: int) -> int:
+    try:
+        index = int(i)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or isinstance(i, bool) or not 0 <= index < n_layers:
+        raise ValueError(f"layer_ffn names layer {i!r}, but the model has layers 0..{n_layers - 1}")
+    return index
 
 
 def _choice(name: str, value, choices) -> None:
@@ -124,157 +186,217 @@ def _choice(name: str, value, choices) -> None:
         )
 
 
-def _positive(**values) -> None:
+def _positive_int(**values) -> None:
     for name, value in values.items():
-        if not (isinstance(value, int) and value > 0):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _probability(**values) -> None:
     for name, value in values.items():
-        if not 0.0 <= value < 1.0:
+        if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
-def validate_ffn(f: FFNConfig, d_model: int, where: str = "ffn") -> None:
-    _choice(f"{where}.type", f.type, FFN_TYPES)
-    _probability(**{f"{where}.dropout": f.dropout, f"{where}.expert_dropout": f.expert_dropout})
-    if f.type in ("dense", "topk"):
-        _positive(**{f"{where}.d_ff": f.d_ff})
-    if f.type == "topk" and not 1 <= f.k <= f.d_ff:
-        raise ValueError(f"{where}.k must be in [1, d_ff={f.d_ff}] for Top-K, got {f.k}")
-    if f.type in ("sigma_moe", "switch", "sbase", "gshard", "base", "hash"):
-        _positive(**{f"{where}.n_experts": f.n_experts, f"{where}.expert_size": f.expert_size})
-    if f.type in ("sigma_moe", "sbase") and not 1 <= f.k <= f.n_experts:
-        raise ValueError(f"{where}.k must be in [1, n_experts={f.n_experts}], got {f.k}")
-    if f.type == "gshard" and f.n_experts < 2:
-        raise ValueError(
-            f"{where}.n_experts must be at least 2 for top-2 GShard, got {f.n_experts}"
-        )
-    if f.type == "pkm":
-        _positive(**{f"{where}.pkm_keys": f.pkm_keys, f"{where}.pkm_heads": f.pkm_heads})
-        if not 1 <= f.pkm_knn <= f.pkm_keys**2:
-            raise ValueError(f"{where}.pkm_knn must be in [1, pkm_keys**2], got {f.pkm_knn}")
-        if d_model % 2:
-            raise ValueError(f"PKM splits the query in halves: d_model must be even, got {d_model}")
-
-
-def validate(cfg: ModelConfig) -> ModelConfig:
-    """Raise ValueError naming the first impossible option of `cfg`; return it unchanged otherwise."""
+def _check_model_fields(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first impossible model-level option."""
     _choice("arch", cfg.arch, ARCHS)
     _choice("positions", cfg.positions, POSITIONS)
-    _positive(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, seq_len=cfg.seq_len
+    _positive_int(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        seq_len=cfg.seq_len,
+        d_ff=cfg.d_ff,
     )
     _probability(dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-    if cfg.moe_interval < 0:
-        raise ValueError(f"moe_interval must be >= 0, got {cfg.moe_interval}")
+    if not (isinstance(cfg.moe_interval, int) and cfg.moe_interval >= 0):
+        raise ValueError(f"moe_interval must be >= 0, got {cfg.moe_interval!r}")
+    if cfg.mem_len is not None and not (isinstance(cfg.mem_len, int) and cfg.mem_len >= 0):
+        raise ValueError(f"mem_len must be None or >= 0, got {cfg.mem_len!r}")
+    if not isinstance(cfg.layer_ffn, dict):
+        raise ValueError(f"layer_ffn must be a dict {{layer: ffn}}, got {cfg.layer_ffn!r}")
     if cfg.arch in ("transformer_xl", "decoder"):
-        _positive(n_heads=cfg.n_heads, head_dim=cfg.head_dim)
+        _positive_int(n_heads=cfg.n_heads)
         if cfg.d_head is None and cfg.d_model % cfg.n_heads:
             raise ValueError(
                 f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}; set d_head"
             )
-    if cfg.mem_len is not None and cfg.mem_len < 0:
-        raise ValueError(f"mem_len must be >= 0, got {cfg.mem_len}")
-    for i in cfg.layer_ffn:
-        if not (isinstance(i, int) and 0 <= i < cfg.n_layers):
-            raise ValueError(
-                f"layer_ffn names layer {i!r}, but the model has layers 0..{cfg.n_layers - 1}"
-            )
+        _positive_int(head_dim=cfg.head_dim)
     if cfg.arch == "smlp":
-        _choice("smlp_routing", cfg.smlp_routing, ("deterministic", "learned"))
-        _positive(smlp_d_ff=cfg.smlp_d_ff, smlp_n_chunks=cfg.smlp_n_chunks)
+        _choice("smlp_routing", cfg.smlp_routing, SMLP_ROUTINGS)
+        _positive_int(smlp_d_ff=cfg.smlp_d_ff, smlp_n_chunks=cfg.smlp_n_chunks)
         if cfg.smlp_d_ff % 2:
             raise ValueError(
                 f"smlp_d_ff must be even (the gating unit halves it), got {cfg.smlp_d_ff}"
             )
         if cfg.d_model % cfg.smlp_n_chunks:
             raise ValueError(
-                f"d_model={cfg.d_model} must split into smlp_n_chunks={cfg.smlp_n_chunks} equal chunks"
+                f"d_model={cfg.d_model} must split into smlp_n_chunks={cfg.smlp_n_chunks} "
+                "equal chunks"
             )
-        dense_blocks = [
-            i for i in cfg.layer_ffn if not (cfg.moe_interval and (i + 1) % cfg.moe_interval == 0)
-        ]
-        if dense_blocks:
+        if not (
+            isinstance(cfg.smlp_prefix_fraction, int | float) and 0 < cfg.smlp_prefix_fraction < 1
+        ):
             raise ValueError(
-                f"layer_ffn names sMLP blocks {dense_blocks}, which are gMLP blocks without an FFN "
+                f"smlp_prefix_fraction must be in (0, 1), got {cfg.smlp_prefix_fraction!r}"
+            )
+
+
+def _check_layers(cfg: ModelConfig) -> None:
+    if cfg.arch == "smlp":
+        gmlp = [i for i in cfg.layer_ffn if not cfg.is_moe_layer(i)]
+        if gmlp:
+            raise ValueError(
+                f"layer_ffn names sMLP blocks {gmlp}, which are gMLP blocks without an FFN "
                 f"(moe_interval={cfg.moe_interval} places the sparse blocks)"
             )
-        if not 0.0 < cfg.smlp_prefix_fraction < 1.0:
-            raise ValueError(
-                f"smlp_prefix_fraction must be in (0, 1), got {cfg.smlp_prefix_fraction}"
-            )
-    for i in range(cfg.n_layers):
-        if cfg.arch == "smlp" and not (cfg.moe_interval and (i + 1) % cfg.moe_interval == 0):
-            continue  # a dense sMLP block is a gMLP block without an FFN
-        where = f"layer_ffn[{i}]" if i in cfg.layer_ffn else "ffn"
-        validate_ffn(cfg.layer_ffn_config(i), cfg.d_model, where)
-    return cfg
+    elif any(not cfg.is_moe_layer(i) and i not in cfg.layer_ffn for i in range(cfg.n_layers)):
+        cfg.dense_ffn_config()
 
 
-_MODEL_FIELDS = [f.name for f in fields(ModelConfig)]
-_FFN_FIELDS = [f.name for f in fields(FFNConfig)]
+MODEL_FIELD_NAMES = [f.name for f in fields(ModelConfig)]
 
 
-def _ffn_from(value, base: FFNConfig) -> FFNConfig:
-    if isinstance(value, FFNConfig):
-        return value
-    if isinstance(value, str):
-        return dataclasses.replace(base, type=value)
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(_FFN_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown FFN option(s) {unknown}; valid: {', '.join(_FFN_FIELDS)}")
-        return dataclasses.replace(base, **value)
-    raise ValueError(
-        f"ffn must be an FFN type name, a dict of FFN options or an FFNConfig, got {value!r}"
-    )
+def parse_text(text: str, hint, key: str):
+    """Read the command-line text `text` as a value of the type `hint` (of the field `key`)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if type(None) in options and text.strip().lower() in ("none", "null"):
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return parse_text(text, option, key)
+            except ValueError:
+                continue
+        raise ValueError(f"{key}={text!r}: expected {_describe(hint)}")
+    try:
+        if hint is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        return json.loads(text)
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"{key}={text!r}: expected {_describe(hint)}") from None
+
+
+def _describe(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def field_hint(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _typed(cls, key: str, value, label: str):
+    if isinstance(value, str) and field_hint(cls, key) is not str:
+        hint = field_hint(cls, key)
+        if hint is Any:
+            return value
+        return parse_text(value, hint, label)
+    return value
 
 
 def apply_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
-    """A copy of `cfg` with `overrides` applied, then validated.
+    """A copy of `cfg` with `overrides` applied (and validated).
 
-    Keys are ModelConfig fields; `ffn` takes a type name (switching the FFN type, keeping the
-    sizes), a dict of FFN options or an FFNConfig; FFN options may also be given as "ffn.<option>"
-    or, where the name is not a model field, bare (e.g. n_experts=8).
+    Keys are ModelConfig fields; `ffn` takes a registered name (switching the layer type, keeping
+    the options both types have), a dict of options or a layer config; options of the FFN are
+    also given as "ffn.<option>" or, where the name is not a model field, bare (n_experts=8).
+    String values (command-line text) are read as the type of the field they set.
     """
     model_kw, ffn_kw = {}, {}
     for key, value in overrides.items():
-        if key.startswith("ffn.") and key[4:] in _FFN_FIELDS:
+        if key.startswith("ffn."):
             ffn_kw[key[4:]] = value
-        elif key in _MODEL_FIELDS:
+        elif key in MODEL_FIELD_NAMES:
             model_kw[key] = value
-        elif key in _FFN_FIELDS:
-            ffn_kw[key] = value
         else:
-            raise ValueError(
-                f"unknown config override {key!r}; valid: {', '.join(_MODEL_FIELDS)}, "
-                f"and the FFN options {', '.join(_FFN_FIELDS)} (bare or as 'ffn.<option>')"
-            )
-    ffn = _ffn_from(model_kw.pop("ffn"), cfg.ffn) if "ffn" in model_kw else cfg.ffn
+            ffn_kw[key] = value
+    for key in ("ffn", "layer_ffn"):
+        if isinstance(model_kw.get(key), str) and model_kw[key].lstrip().startswith("{"):
+            try:
+                model_kw[key] = json.loads(model_kw[key])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{key}={model_kw[key]!r} is not valid JSON: {e}") from None
+    typed = {
+        k: v if k in ("ffn", "layer_ffn") else _typed(ModelConfig, k, v, k)
+        for k, v in model_kw.items()
+    }
+    ffn_spec = typed.pop("ffn", None)
+    layer_spec = typed.pop("layer_ffn", None)
+    model = dataclasses.replace(cfg, **typed) if typed else cfg
+    # FFN options that were the model's (d_ff, activation) follow it when it changes
+    inherited = {k: typed[k] for k in MODEL_DEFAULTS if k in typed and typed[k] != getattr(cfg, k)}
+    ffn = _follow(model.ffn, cfg, inherited)
+    model = dataclasses.replace(
+        model, layer_ffn={i: _follow(f, cfg, inherited) for i, f in model.layer_ffn.items()}
+    )
+    if ffn_spec is not None:
+        ffn = ffn_config(ffn_spec, model, where="ffn", base=ffn)
     if ffn_kw:
-        ffn = dataclasses.replace(ffn, **ffn_kw)
-    if "layer_ffn" in model_kw:
-        model_kw["layer_ffn"] = {
-            int(i): _ffn_from(v, FFNConfig()) for i, v in model_kw["layer_ffn"].items()
-        }
-    return validate(dataclasses.replace(cfg, ffn=ffn, **model_kw))
+        cls = type(ffn)
+        names = {f.name for f in fields(cls)} - set(MODEL_FIELDS)
+        unknown = sorted(set(ffn_kw) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown config override(s) {unknown}: not a model field "
+                f"({', '.join(MODEL_FIELD_NAMES)}) nor an option of ffn ({ffn_name(ffn)}: "
+                f"{', '.join(sorted(names))}; bare or as 'ffn.<option>')"
+            )
+        options = {k: _typed(cls, k, v, f"ffn.{k}") for k, v in ffn_kw.items()}
+        ffn = ffn_config(options, model, where="ffn", base=ffn)
+    layer_ffn = dict(model.layer_ffn)
+    if layer_spec is not None:
+        if not isinstance(layer_spec, dict):
+            raise ValueError(f"layer_ffn must be a dict {{layer: ffn}}, got {layer_spec!r}")
+        for i, spec in layer_spec.items():
+            index = _layer_index(i, model.n_layers)
+            base = model.layer_ffn_config(index)
+            layer_ffn[index] = ffn_config(spec, model, where=f"layer_ffn[{index}]", base=base)
+    return dataclasses.replace(model, ffn=ffn, layer_ffn=layer_ffn)
+
+
+def _follow(config, old_model: ModelConfig, changed: dict):
+    names = {f.name for f in fields(config)}
+    update = {
+        k: v
+        for k, v in changed.items()
+        if k in names and getattr(config, k) == getattr(old_model, k)
+    }
+    return dataclasses.replace(config, **update) if update else config
+
+
+def ffn_to_dict(config) -> dict:
+    """{"type": name, **options}: a layer config without the fields the model owns."""
+    return {"type": ffn_name(config), **_options(config)}
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
     """A JSON-safe dict of `cfg` (layer_ffn keys become strings)."""
-    d = dataclasses.asdict(cfg)
-    d["layer_ffn"] = {str(i): v for i, v in d["layer_ffn"].items()}
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    d["ffn"] = ffn_to_dict(cfg.ffn)
+    d["layer_ffn"] = {str(i): ffn_to_dict(v) for i, v in cfg.layer_ffn.items()}
     return d
 
 
 def config_from_dict(d: dict) -> ModelConfig:
     """Inverse of `config_to_dict`; unknown keys raise ValueError."""
-    d = dict(d)
-    unknown = sorted(set(d) - set(_MODEL_FIELDS))
+    if not isinstance(d, dict):
+        raise ValueError(f"a model config must be a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(MODEL_FIELD_NAMES))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid: {', '.join(_MODEL_FIELDS)}")
-    ffn = _ffn_from(d.pop("ffn", {}), FFNConfig())
-    layer_ffn = {int(i): _ffn_from(v, FFNConfig()) for i, v in d.pop("layer_ffn", {}).items()}
-    return validate(ModelConfig(**d, ffn=ffn, layer_ffn=layer_ffn))
+        raise ValueError(f"unknown config key(s) {unknown}; valid: {', '.join(MODEL_FIELD_NAMES)}")
+    return ModelConfig(**d)

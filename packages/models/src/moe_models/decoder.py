@@ -95,27 +95,31 @@ class DecoderLM(LanguageModel):
             return self.positions(pos)
         return sinusoid_table(pos, self.config.d_model)
 
+    def init_state(self) -> list:
+        """An empty key/value cache: the call it is given fills it and returns it."""
+        return []
+
     def forward(
-        self,
-        tokens: Tensor,
-        targets: Tensor | None = None,
-        *,
-        mems=None,
-        past_kv: list[tuple[Tensor, Tensor]] | None = None,
-        use_cache: bool = False,
+        self, tokens: Tensor, targets: Tensor | None = None, *, state: list | None = None
     ) -> ModelOutput:
-        """mems is accepted for a uniform call and must be None (this model has no XL memory)."""
+        """state: None, or the key/value cache, one (k, v) [B, H, K, d_head] pair per layer, of
+        the earlier tokens ([] from init_state: none yet); the new tokens follow them. Returns
+        the grown cache when given one, else no state."""
         self.check_tokens(tokens, targets)
-        if mems is not None:
-            raise ValueError("the decoder LM has no Transformer-XL memory; pass mems=None")
-        start = 0 if past_kv is None else past_kv[0][0].shape[2]
+        past = state or None
+        if past is not None and len(past) != len(self.layers):
+            raise ValueError(
+                f"state must be the decoder's key/value cache, one (k, v) per layer "
+                f"({len(self.layers)}), got {len(past)} entries"
+            )
+        start = 0 if past is None else past[0][0].shape[2]
         x_BLD = self.embedding(tokens) * self.embed_scale
         x_BLD = self.dropout(
             x_BLD + self.position_embedding(start, tokens.shape[1], tokens.device).to(x_BLD.dtype)
         )
         cache = []
         for i, layer in enumerate(self.layers):
-            x_BLD, kv = layer(x_BLD, None if past_kv is None else past_kv[i], tokens)
+            x_BLD, kv = layer(x_BLD, None if past is None else past[i], tokens)
             cache.append(kv)
         logits = self.head(self.norm(x_BLD))
-        return self.finish(logits, targets, past_kv=cache if use_cache else None)
+        return self.finish(logits, targets, state=cache if state is not None else None)

@@ -1,12 +1,13 @@
-"""Autoregressive generation: greedy, or sampling with a temperature and top-k.
+"""Autoregressive generation: greedy, or sampling with a temperature, top-k and top-p.
 
-Transformer-XL reads the prompt segment by segment (seq_len tokens each) into its memory and then
-feeds one token at a time, so each new token sees the memory (`mem_len` earlier positions) as in
-training. The decoder keeps a key/value cache. The sMLP model's spatial gating has a fixed window,
-so it recomputes the last seq_len tokens at every step.
+One loop for every architecture: the prompt is read (Transformer-XL in segments of seq_len, so
+each token sees the memory as in training), then each new token is fed with the state of the
+previous call (the XL memory, the decoder's key/value cache, the sMLP's window).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,7 @@ def _pick(
     logits_BV: Tensor,
     temperature: float,
     top_k: int | None,
+    top_p: float | None,
     greedy: bool,
     generator: torch.Generator | None,
 ) -> Tensor:
@@ -25,73 +27,62 @@ def _pick(
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        # a token stays when the mass of the tokens before it is below top_p (the first always)
+        probs_sorted_BV = sorted_BV.softmax(-1)
+        drop_sorted_BV = probs_sorted_BV.cumsum(-1) - probs_sorted_BV >= top_p
+        drop_BV = torch.empty_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
     probs_BV = torch.softmax(logits_BV, dim=-1)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
+def check_options(max_new_tokens, temperature, top_k, top_p, greedy) -> None:
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not greedy and not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 @torch.no_grad()
-def generate(
+def stream(
     model: nn.Module,
     prompt: Tensor,
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """prompt [B, L] (L >= 1) -> [B, L + max_new_tokens]; runs in eval mode, restoring the mode."""
+) -> Iterator[Tensor]:
+    """Yields each new token [B] as it is chosen; runs in eval mode, restoring the mode."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [B, L] with L >= 1, got {tuple(prompt.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    check_options(max_new_tokens, temperature, top_k, top_p, greedy)
     was_training = model.training
     model.eval()
     try:
-        step = {"transformer_xl": _xl_steps, "decoder": _decoder_steps, "smlp": _window_steps}
-        return step[model.arch](
-            model,
-            prompt,
-            max_new_tokens,
-            lambda lg: _pick(lg, temperature, top_k, greedy, generator),
-        )
+        state, out = model.init_state(), None
+        for segment in prompt.split(model.config.seq_len, dim=1):
+            out = model(segment, state=state)
+            state = out.state
+        for step in range(max_new_tokens):
+            nxt_B = _pick(out.logits[:, -1], temperature, top_k, top_p, greedy, generator)
+            yield nxt_B
+            if step + 1 < max_new_tokens:
+                out = model(nxt_B[:, None], state=state)
+                state = out.state
     finally:
         model.train(was_training)
 
 
-def _xl_steps(model, prompt, n, pick):
-    mems, out = None, None
-    for segment in prompt.split(model.config.seq_len, dim=1):
-        out = model(segment, mems=mems)
-        mems = out.mems
-    tokens = [prompt]
-    for step in range(n):
-        nxt_B1 = pick(out.logits[:, -1])[:, None]
-        tokens.append(nxt_B1)
-        if step + 1 < n:
-            out = model(nxt_B1, mems=mems)
-            mems = out.mems
-    return torch.cat(tokens, dim=1)
-
-
-def _decoder_steps(model, prompt, n, pick):
-    out = model(prompt, use_cache=True)
-    tokens = [prompt]
-    for step in range(n):
-        nxt_B1 = pick(out.logits[:, -1])[:, None]
-        tokens.append(nxt_B1)
-        if step + 1 < n:
-            out = model(nxt_B1, past_kv=out.past_kv, use_cache=True)
-    return torch.cat(tokens, dim=1)
-
-
-def _window_steps(model, prompt, n, pick):
-    seq = prompt
-    for _ in range(n):
-        logits_BV = model(seq[:, -model.config.seq_len :]).logits[:, -1]
-        seq = torch.cat([seq, pick(logits_BV)[:, None]], dim=1)
-    return seq
+def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, **options) -> Tensor:
+    """prompt [B, L] (L >= 1) -> [B, L + max_new_tokens]; options as `stream`."""
+    new = list(stream(model, prompt, max_new_tokens, **options))
+    return torch.cat([prompt, *(t[:, None] for t in new)], dim=1)

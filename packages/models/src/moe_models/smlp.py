@@ -5,7 +5,7 @@ the most plausible reading of the review in shared/papers.md and UNCONFIRMED):
 - dense (gMLP) block: x + W_o CausalSGU(GELU(W_i LN(x))), W_i: d_model -> smlp_d_ff, the causal
   spatial gating unit halves it, W_o: smlp_d_ff / 2 -> d_model;
 - sparse block: channel mixing by the configured FFN (the paper's tMoE: a BASE-routed expert layer,
-  ffn type "base"), x + FFN(LN(x)), then token mixing by sMoE, x + sMoE(LN(x)), whose experts are
+  ffn type "tmoe"), x + FFN(LN(x)), then token mixing by sMoE, x + sMoE(LN(x)), whose experts are
   causal spatial projections over chunks of the hidden vector (smlp_n_chunks experts).
 Block i is sparse when (i + 1) % moe_interval == 0 (the paper's split into dense and sparse
 blocks is UNCONFIRMED; interleaving as in the fairseq MoE LMs is used); moe_interval=0 gives the
@@ -19,17 +19,15 @@ sequence, which makes the prefix positions see the future: their targets are ign
 
 from __future__ import annotations
 
+import torch
+from moe_layers import CausalSGU, SMoE
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moe_models.common import IGNORE_INDEX, LanguageModel, ModelOutput
 from moe_models.config import ModelConfig
-from moe_models.ffn import FFNBlock, layer_class
+from moe_models.ffn import FFNBlock
 from moe_models.transformer_xl import init_linear
-
-
-def is_sparse_block(cfg: ModelConfig, i: int) -> bool:
-    return cfg.moe_interval >= 1 and (i + 1) % cfg.moe_interval == 0
 
 
 class GMLPBlock(nn.Module):
@@ -37,7 +35,7 @@ class GMLPBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.proj_in = nn.Linear(cfg.d_model, cfg.smlp_d_ff)
-        self.sgu = layer_class("CausalSGU", "smlp")(cfg.smlp_d_ff, cfg.seq_len)
+        self.sgu = CausalSGU(cfg.smlp_d_ff, cfg.seq_len)
         self.proj_out = nn.Linear(cfg.smlp_d_ff // 2, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         init_linear(self.proj_in, cfg.n_layers)
@@ -53,7 +51,7 @@ class SparseBlock(nn.Module):
         super().__init__()
         self.channel = FFNBlock(cfg, index)
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.smoe = layer_class("SMoE", "smlp")(
+        self.smoe = SMoE(
             cfg.d_model,
             cfg.smlp_n_chunks,
             cfg.seq_len,
@@ -77,7 +75,7 @@ class SparseMLPLM(LanguageModel):
         nn.init.normal_(self.embedding.weight, std=cfg.d_model**-0.5)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
-            SparseBlock(cfg, i) if is_sparse_block(cfg, i) else GMLPBlock(cfg)
+            SparseBlock(cfg, i) if cfg.is_moe_layer(i) else GMLPBlock(cfg)
             for i in range(cfg.n_layers)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -91,21 +89,39 @@ class SparseMLPLM(LanguageModel):
             default=0,
         )
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, mems=None) -> ModelOutput:
-        """tokens [B, L] with L <= seq_len. mems must be None (no recurrence)."""
+    def init_state(self) -> Tensor:
+        """No earlier tokens yet; see `forward`."""
+        return torch.empty(0, 0, dtype=torch.long)
+
+    def forward(
+        self, tokens: Tensor, targets: Tensor | None = None, *, state: Tensor | None = None
+    ) -> ModelOutput:
+        """tokens [B, L] with L <= seq_len. state: None, or the window of earlier tokens [B, W]
+        that the new ones follow (the spatial projections have a fixed window, so each call
+        recomputes the last seq_len tokens); with a state, returns the window for the next call."""
         self.check_tokens(tokens, targets)
-        if mems is not None:
-            raise ValueError("the sMLP LM has no Transformer-XL memory; pass mems=None")
-        if not 1 <= tokens.shape[1] <= self.config.seq_len:
+        seq_len = self.config.seq_len
+        if not 1 <= tokens.shape[1] <= seq_len:
             raise ValueError(
                 f"the sMLP LM mixes tokens over a fixed window: sequence length must be in "
-                f"[1, seq_len={self.config.seq_len}], got {tokens.shape[1]}"
+                f"[1, seq_len={seq_len}], got {tokens.shape[1]}"
             )
-        x_BLD = self.dropout(self.embedding(tokens))
+        context = tokens
+        if state is not None and state.numel():
+            if state.dim() != 2 or state.shape[0] != tokens.shape[0]:
+                raise ValueError(
+                    f"state must be the window of earlier tokens [B={tokens.shape[0]}, W], got "
+                    f"{tuple(state.shape)}"
+                )
+            context = torch.cat([state.to(tokens.device), tokens], dim=1)[:, -seq_len:]
+        x_BLD = self.dropout(self.embedding(context))
         for layer in self.layers:
-            x_BLD = layer(x_BLD, tokens)
-        logits = self.head(self.norm(x_BLD))
+            x_BLD = layer(x_BLD, context)
+        logits = self.head(self.norm(x_BLD[:, -tokens.shape[1] :]))
         if targets is not None and self.prefix_len:
+            # positions of the routing prefix see the future: their targets are not scored
+            first_scored = max(self.prefix_len - (context.shape[1] - tokens.shape[1]), 0)
             targets = targets.clone()
-            targets[:, : self.prefix_len] = IGNORE_INDEX
-        return self.finish(logits, targets)
+            targets[:, :first_scored] = IGNORE_INDEX
+        window = context[:, context.shape[1] - (seq_len - 1) :] if seq_len > 1 else context[:, :0]
+        return self.finish(logits, targets, state=window if state is not None else None)

@@ -113,7 +113,10 @@ class XLLayer(nn.Module):
 
 
 class TransformerXL(LanguageModel):
+    """state: the memory, one [B, M, d_model] tensor of layer inputs per layer (detached)."""
+
     arch = "transformer_xl"
+    carries_state = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -129,30 +132,33 @@ class TransformerXL(LanguageModel):
         if cfg.tie_embeddings:
             self.head.weight = self.embedding.weight
 
+    def check_state(self, tokens: Tensor, mems: list[Tensor]) -> None:
+        if not isinstance(mems, list | tuple) or len(mems) != len(self.layers):
+            raise ValueError(
+                f"state must be the memory of the previous segment, one tensor per layer "
+                f"({len(self.layers)}), got {type(mems).__name__} of length "
+                f"{len(mems) if isinstance(mems, list | tuple) else '-'}"
+            )
+        if any(m.shape[0] != tokens.shape[0] or m.shape[-1] != self.config.d_model for m in mems):
+            raise ValueError(
+                f"state must be [B={tokens.shape[0]}, M, d_model={self.config.d_model}] tensors "
+                f"(the .state of the previous segment of the same batch), got "
+                f"{tuple(mems[0].shape)}"
+            )
+
     def forward(
-        self, tokens: Tensor, targets: Tensor | None = None, *, mems: list[Tensor] | None = None
+        self, tokens: Tensor, targets: Tensor | None = None, *, state: list[Tensor] | None = None
     ) -> ModelOutput:
         self.check_tokens(tokens, targets)
-        if mems is not None:
-            if len(mems) != len(self.layers):
-                raise ValueError(
-                    f"mems must hold one tensor per layer ({len(self.layers)}), got {len(mems)}"
-                )
-            if any(
-                m.shape[0] != tokens.shape[0] or m.shape[-1] != self.config.d_model for m in mems
-            ):
-                raise ValueError(
-                    f"mems must be [B={tokens.shape[0]}, M, d_model={self.config.d_model}] tensors "
-                    f"(the .mems of the previous segment of the same batch), got "
-                    f"{tuple(mems[0].shape)}"
-                )
+        if state is not None:
+            self.check_state(tokens, state)
         mem_len = self.config.memory_length
         x_BLD = self.dropout(self.embedding(tokens))
         new_mems = []
         for i, layer in enumerate(self.layers):
-            mem = None if mems is None or mems[i].shape[1] == 0 else mems[i]
+            mem = None if state is None or state[i].shape[1] == 0 else state[i]
             ctx = x_BLD if mem is None else torch.cat([mem, x_BLD], dim=1)
             new_mems.append(ctx[:, max(ctx.shape[1] - mem_len, 0) :].detach())
             x_BLD = layer(x_BLD, mem, tokens)
         logits = self.head(self.norm(x_BLD))
-        return self.finish(logits, targets, mems=new_mems)
+        return self.finish(logits, targets, state=new_mems)

@@ -1,10 +1,10 @@
 """Parameter counts (total and active per token), forward FLOPs per token, and dense twins.
 
-Counts are exact and need no memory for the model (so the 15B-parameter presets count too): see
-`_total`. "Active" parameters are those a single token's output
-depends on: all non-FFN parameters, and per FFN the router plus the experts a token is sent to
-(K for σ-MoE / S-BASE, 1 for Switch / BASE / HASH, 2 for GShard), for PKM the keys plus the
-selected value rows, for Top-K W1 plus the K selected rows of W2.
+Counts are exact and need no memory for the model (so the 15B-parameter presets count too): the
+model is built on the meta device with stand-ins for its FFNs, whose counts come from each layer
+config's `parameter_count()`. "Active" parameters are those a single token's output depends on:
+all non-FFN parameters, and per FFN what its `parameter_count().active` says (the router plus the
+experts a token is sent to, for PKM the keys plus the selected values, ...).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from moe_layers import ParameterCount
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from moe_models.config import FFNConfig, ModelConfig
-from moe_models.ffn import build_ffn
-
-EXPERTS_PER_TOKEN = {"switch": 1, "base": 1, "hash": 1, "gshard": 2}
+from moe_models.config import ModelConfig
+from moe_models.ffn import FFNBlock
+from moe_models.registry import ffn_config_class
 
 
 def _n_params(module: nn.Module) -> int:
@@ -47,69 +47,38 @@ def _on_meta(fn):
         return fn()
 
 
-def _smallest_valid_experts(f: FFNConfig) -> int:
-    return max(2, f.k) if f.type in ("sigma_moe", "sbase") else 2
+def _ffn_layers(cfg: ModelConfig) -> list[int]:
+    """Layers that hold an FFN (every layer, except the sMLP's gMLP blocks)."""
+    return [i for i in range(cfg.n_layers) if cfg.arch != "smlp" or cfg.is_moe_layer(i)]
 
 
-def _ffn_total(cfg: ModelConfig, layer: int) -> int:
-    """Parameters of layer `layer`'s FFN, built on the CPU. A routed layer's count is linear in
-    its expert count, so it is built with two small expert counts and extrapolated: the layers'
-    initialisers use ops (norms, QR) whose meta versions are slow, and 512 real experts too big."""
-    f = cfg.layer_ffn_config(layer)
-    key = (repr(f), cfg.d_model, cfg.n_layers, cfg.vocab_size)
-    if key not in _FFN_TOTALS:
-        _FFN_TOTALS[key] = _count_ffn(cfg, layer, f)
-    return _FFN_TOTALS[key]
-
-
-_FFN_TOTALS: dict[tuple, int] = {}
-
-
-def _count_ffn(cfg: ModelConfig, layer: int, f: FFNConfig) -> int:
-    def count(ffn: FFNConfig) -> int:
-        with torch.device("cpu"):
-            return _n_params(build_ffn(dataclasses.replace(cfg, layer_ffn={layer: ffn}), layer))
-
-    if f.n_experts and f.type not in ("dense", "topk", "pkm"):
-        e1 = _smallest_valid_experts(f)
-        if f.n_experts > e1 + 1:
-            p1 = count(dataclasses.replace(f, n_experts=e1))
-            p2 = count(dataclasses.replace(f, n_experts=e1 + 1))
-            return p1 + (f.n_experts - e1) * (p2 - p1)
-    return count(f)
-
-
-def _skeleton(cfg: ModelConfig) -> tuple[ModelConfig, list[int]]:
-    """`cfg` with a one-unit dense FFN in place of every non-dense FFN, and those layers."""
-    swapped = [i for i in range(cfg.n_layers) if cfg.layer_ffn_config(i).type != "dense"]
-    stand_in = FFNConfig(type="dense", d_ff=1)
-    layer_ffn = {**cfg.layer_ffn, **dict.fromkeys(swapped, stand_in)}
-    return dataclasses.replace(cfg, layer_ffn=layer_ffn), swapped
+def _ffn_counts(cfg: ModelConfig, i: int) -> ParameterCount:
+    f = cfg.layer_ffn_config(i)
+    counter = getattr(f, "parameter_count", None)
+    if counter is not None:
+        return counter()
+    # a user's layer without an analytic count: count its parameters, all of them active
+    total = _on_meta(lambda: _n_params(f.build()))
+    return ParameterCount(total=total, active=total)
 
 
 def _total(cfg: ModelConfig) -> int:
-    """All parameters: the model built on the meta device with a one-unit dense FFN in place of
-    each other FFN, plus those FFNs counted by `_ffn_total`."""
+    """All parameters: the model built on the meta device with a one-unit dense FFN in every
+    FFN layer (a 512-expert layer is big and slow to initialise even there), those stand-ins'
+    parameters taken out and each layer's own analytic count put in."""
+    skeleton = _skeleton(cfg)
+    total = _n_params(skeleton)
+    total -= sum(_n_params(m.ffn) for m in skeleton.modules() if isinstance(m, FFNBlock))
+    return total + sum(_ffn_counts(cfg, i).total for i in _ffn_layers(cfg))
+
+
+def _skeleton(cfg: ModelConfig) -> nn.Module:
+    """The model of `cfg` on the meta device with a one-unit dense FFN in every FFN layer."""
     from moe_models.api import build
 
-    skeleton, swapped = _skeleton(cfg)
-    total = _on_meta(lambda: _n_params(build(skeleton)))
-    if swapped:
-        total -= len(swapped) * _on_meta(lambda: _n_params(build_ffn(skeleton, swapped[0])))
-    return total + sum(_ffn_total(cfg, i) for i in swapped)
-
-
-def _ffn_active(f: FFNConfig, d_model: int, total: int) -> int:
-    if f.type == "dense":
-        return total
-    if f.type == "topk":
-        return total - (f.d_ff - f.k) * d_model
-    if f.type == "pkm":
-        n_values = f.pkm_keys**2
-        return total - (n_values - min(f.pkm_heads * f.pkm_knn, n_values)) * d_model
-    per_expert = 2 * d_model * f.expert_size
-    k = EXPERTS_PER_TOKEN.get(f.type, f.k)
-    return total - (f.n_experts - min(k, f.n_experts)) * per_expert
+    stand_in = {"type": "dense", "d_ff": 1}
+    layer_ffn = dict.fromkeys(_ffn_layers(cfg), stand_in)
+    return _on_meta(lambda: build(dataclasses.replace(cfg, layer_ffn=layer_ffn)))
 
 
 def _as_config(model_or_config) -> ModelConfig:
@@ -125,28 +94,21 @@ def count_parameters(model_or_config) -> dict[str, int]:
     """{"total": every parameter, "active": parameters used per token} (tied ones counted once)."""
     cfg = _as_config(model_or_config)
     total = _n_params(model_or_config) if isinstance(model_or_config, nn.Module) else _total(cfg)
-    active = total
-    for i in range(cfg.n_layers):
-        f = cfg.layer_ffn_config(i)
-        if f.type != "dense":
-            ffn_total = _ffn_total(cfg, i)
-            active -= ffn_total - _ffn_active(f, cfg.d_model, ffn_total)
-    return {"total": total, "active": active}
+    inactive = 0
+    for i in _ffn_layers(cfg):
+        counts = _ffn_counts(cfg, i)
+        inactive += counts.total - counts.active
+    return {"total": total, "active": total - inactive}
 
 
 def _spatial_params(cfg: ModelConfig) -> int:
     """Parameters of the sMLP's [seq_len, seq_len] spatial projections (and their biases): a
     token uses one row of them per channel, so their FLOPs are counted by `_mixing_flops`."""
-    from moe_models.api import build
-
-    def count():
-        return sum(
-            p.numel()
-            for name, p in build(_skeleton(cfg)[0]).named_parameters()
-            if ".sgu.weight" in name or ".sgu.bias" in name or ".smoe." in name
-        )
-
-    return _on_meta(count)
+    return sum(
+        p.numel()
+        for name, p in _skeleton(cfg).named_parameters()
+        if ".sgu.weight" in name or ".sgu.bias" in name or ".smoe." in name
+    )
 
 
 def _mixing_flops(cfg: ModelConfig) -> int:
@@ -154,11 +116,8 @@ def _mixing_flops(cfg: ModelConfig) -> int:
     L = cfg.seq_len
     causal_ctx = (L + 1) / 2  # mean number of earlier-or-same positions a query sees
     if cfg.arch == "smlp":
-        from moe_models.smlp import is_sparse_block
-
         widths = [
-            cfg.d_model if is_sparse_block(cfg, i) else cfg.smlp_d_ff // 2
-            for i in range(cfg.n_layers)
+            cfg.d_model if cfg.is_moe_layer(i) else cfg.smlp_d_ff // 2 for i in range(cfg.n_layers)
         ]
         return int(sum(widths) * causal_ctx)
     inner = cfg.n_heads * cfg.head_dim
@@ -194,30 +153,30 @@ def _dense_size(params: int, d_model: int, bias: bool) -> int:
 
 
 def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
-    """The dense counterpart of a MoE config: each non-dense FFN becomes a dense FFN (with biases)
-    holding as many parameters as it ("params") or as many active parameters per token
-    ("compute"). Everything else is unchanged."""
+    """The dense counterpart of a MoE config: each FFN that is not dense becomes a dense FFN
+    (with biases) holding as many parameters as it ("params") or as many active parameters per
+    token ("compute"). Everything else is unchanged."""
     if match not in ("params", "compute"):
         raise ValueError(f"match must be 'params' or 'compute', got {match!r}")
     cfg = config
-    twins: dict[int, FFNConfig] = {}
-    for i in range(cfg.n_layers):
+    dense_cls = ffn_config_class("dense")
+    twins = {}
+    for i in _ffn_layers(cfg):
         f = cfg.layer_ffn_config(i)
-        if f.type == "dense":
+        if isinstance(f, dense_cls):
             continue
-        total = _ffn_total(cfg, i)
-        size = total if match == "params" else _ffn_active(f, cfg.d_model, total)
-        twins[i] = FFNConfig(
-            type="dense",
-            d_ff=_dense_size(size, cfg.d_model, True),
-            activation=f.activation,
-            dropout=f.dropout,
-            bias=True,
-        )
-    note = f"dense twin ({match}) of: {cfg.note}" if cfg.note else f"dense twin ({match})"
+        counts = _ffn_counts(cfg, i)
+        size = counts.total if match == "params" else counts.active
+        twins[i] = {
+            "type": "dense",
+            "d_ff": _dense_size(size, cfg.d_model, True),
+            "activation": getattr(f, "activation", cfg.activation),
+            "dropout": getattr(f, "dropout", 0.0),
+        }
     if not twins:
-        return dataclasses.replace(cfg, note=note)
-    sizes = {t.d_ff for t in twins.values()}
+        return cfg
+    sizes = {t["d_ff"] for t in twins.values()}
     if not cfg.layer_ffn and cfg.moe_interval == 1 and len(sizes) == 1:
-        return dataclasses.replace(cfg, ffn=next(iter(twins.values())), note=note)
-    return dataclasses.replace(cfg, layer_ffn={**cfg.layer_ffn, **twins}, note=note)
+        twin = next(iter(twins.values()))
+        return dataclasses.replace(cfg, d_ff=twin["d_ff"], ffn=twin)
+    return dataclasses.replace(cfg, layer_ffn={**cfg.layer_ffn, **twins})

@@ -25,7 +25,8 @@ import torch
 from moe_train.errors import CLIError
 
 FORMAT = "moe-train-checkpoint"
-VERSION = 1
+# 2: the layer contract (router/experts parameter names, per-name windows, model state)
+VERSION = 2
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
 

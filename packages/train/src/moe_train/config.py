@@ -16,12 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import moe_models
+from moe_models.config import parse_text
 
+from moe_train import plugins as plugins_mod
 from moe_train.errors import CLIError
 
 DEFAULT_PRESET = "tiny-sigma-moe"
@@ -95,59 +98,47 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """preset: the name the model started from; plugins: the `--plugin` modules or files that
+    register the run's layers (loaded again by eval, --resume and every command reading it)."""
+
     preset: str
     data: str | None
     model: Any
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "preset": self.preset,
             "data": self.data,
+            "plugins": list(self.plugins),
             "model": moe_models.config_to_dict(self.model),
             "train": dataclasses.asdict(self.train),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        plugins = list(d.get("plugins", []))
+        load_plugins(plugins)
         try:
             model = moe_models.config_from_dict(d["model"])
         except (KeyError, TypeError, ValueError) as e:
             raise CLIError(f"saved model config is not valid: {e}") from None
         train = apply_train_overrides(TrainConfig(), d.get("train", {}), source="saved config")
-        return cls(preset=d.get("preset", "custom"), data=d.get("data"), model=model, train=train)
+        return cls(
+            preset=d.get("preset", "custom"),
+            data=d.get("data"),
+            model=model,
+            train=train,
+            plugins=plugins,
+        )
 
 
-def parse_value(text: str, like: Any, key: str) -> Any:
-    """Read `text` as the type of `like` (the value it replaces)."""
+def parse_value(text: str, key: str, hint) -> Any:
     try:
-        if isinstance(like, bool):
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if isinstance(like, int):
-            return int(text)
-        if isinstance(like, float):
-            return float(text)
-        if isinstance(like, str):
-            return text
-        if like is None:
-            if text.lower() in ("none", "null"):
-                return None
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                return text
-        if isinstance(like, list | tuple):
-            items = json.loads(text) if text.startswith("[") else text.split(",")
-            inner = like[0] if like else ""
-            return type(like)(parse_value(str(v), inner, key) for v in items)
-        return json.loads(text)
-    except (ValueError, TypeError):
-        raise CLIError(f"override {key}={text!r}: expected a value like {like!r}") from None
+        return parse_text(text, hint, key)
+    except ValueError as e:
+        raise CLIError(f"override {e}") from None
 
 
 def split_overrides(items: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -173,10 +164,11 @@ def apply_train_overrides(cfg: TrainConfig, values: dict[str, Any], source: str)
             f"known: {', '.join(sorted(known))}"
         )
     typed = {}
+    hints = typing.get_type_hints(TrainConfig)
     for key, value in values.items():
         current = getattr(cfg, key)
         if isinstance(value, str) and not isinstance(current, str):
-            value = parse_value(value, current, f"train.{key}")
+            value = parse_value(value, f"train.{key}", hints[key])
         elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif type(value) is not type(current):
@@ -200,11 +192,11 @@ def load_config_file(path: str | Path) -> dict:
         raise CLIError(f"config file {path} cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise CLIError(f"config file {path} must hold a table/object at the top level")
-    unknown = sorted(set(data) - {"preset", "data", "model", "train"})
+    unknown = sorted(set(data) - {"preset", "data", "plugins", "model", "train"})
     if unknown:
         raise CLIError(
             f"config file {path}: unknown key(s) {', '.join(unknown)}; "
-            "expected preset, data, model, train"
+            "expected preset, data, plugins, model, train"
         )
     for table in ("model", "train"):
         if not isinstance(data.get(table, {}), dict):
@@ -215,32 +207,20 @@ def load_config_file(path: str | Path) -> dict:
 def model_config(preset: str, overrides: dict[str, Any]) -> Any:
     """The preset's model config with `overrides` (text values are read as the fields' types)."""
     try:
-        base = moe_models.get_config(preset)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    current = moe_models.config_to_dict(base)
-    # FFN options may be given bare (n_experts=8) or as ffn.n_experts; both read as the FFN field
-    ffn_fields = current.get("ffn", {})
-    typed = {}
-    for key, value in overrides.items():
-        if key in current:
-            like = current[key]
-        else:
-            like = ffn_fields.get(key.removeprefix("ffn."), "")
-        # a dict-valued field (ffn) also takes a name (ffn=dense); JSON only when it looks like it
-        if isinstance(like, dict) and isinstance(value, str) and not value.lstrip().startswith("{"):
-            like = ""
-        if isinstance(value, str) and not isinstance(like, str):
-            value = parse_value(value, like, key)
-        typed[key] = value
-    try:
-        return moe_models.get_config(preset, **typed)
+        return moe_models.get_config(preset, **overrides)
     except (ValueError, TypeError) as e:
-        raise CLIError(f"model override: {e}") from None
+        raise CLIError(f"model config: {e}") from None
+
+
+def load_plugins(specs: list[str]) -> None:
+    """Import each `--plugin`: a `.py` file or an importable module that registers layers."""
+    for spec in specs:
+        plugins_mod.load(spec)
 
 
 def resolve(
     *,
+    plugins: list[str] = (),
     preset: str | None = None,
     config_file: str | None = None,
     data: str | None = None,
@@ -254,6 +234,10 @@ def resolve(
     values are ignored (flag not given).
     """
     file = load_config_file(config_file) if config_file else {}
+    specs = list(
+        dict.fromkeys(plugins_mod.canonical(p) for p in [*file.get("plugins", []), *plugins])
+    )
+    load_plugins(specs)
     name = preset or file.get("preset") or DEFAULT_PRESET
     model_over, train_over = split_overrides(list(overrides))
     given_model = {k: v for k, v in (model_flags or {}).items() if v is not None}
@@ -264,4 +248,4 @@ def resolve(
     train = apply_train_overrides(train, train_over, source="the command line")
     train.validate()
     spec = data if data is not None else file.get("data")
-    return RunConfig(preset=name, data=spec, model=model_cfg, train=train)
+    return RunConfig(preset=name, data=spec, model=model_cfg, train=train, plugins=specs)

@@ -18,15 +18,16 @@ def load_corpus(spec: str | None):
 class Batches:
     """One rank's training batches, as int64 tensors on `device`.
 
-    Transformer-XL reads contiguous streams (XLBatcher) so that its memory of the previous segment
-    is the true preceding text; `next()` says when a new epoch starts, where that memory must be
-    reset. Other architectures draw random windows (RandomWindowBatcher, infinite).
+    A model that carries state from segment to segment (the Transformer-XL memory) reads
+    contiguous streams (XLBatcher), so that its state is that of the true preceding text;
+    `next()` says when a new epoch starts, where that state must be reset. Other models draw
+    random windows (RandomWindowBatcher, infinite).
     """
 
-    def __init__(self, tokens, batch_size, seq_len, *, xl, seed, rank, world_size, device):
-        self.xl = xl
+    def __init__(self, tokens, batch_size, seq_len, *, streams, seed, rank, world_size, device):
+        self.streams = streams
         self.device = device
-        if xl:
+        if streams:
             self.batcher = moe_data.XLBatcher(
                 tokens, batch_size, seq_len, rank=rank, world_size=world_size
             )
@@ -38,7 +39,7 @@ class Batches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(inputs [B, L], targets [B, L], starts_new_epoch)."""
-        new_epoch = self.xl and self.batcher.position == 0
+        new_epoch = self.streams and self.batcher.position == 0
         if self._it is None:
             self._it = iter(self.batcher)
         try:

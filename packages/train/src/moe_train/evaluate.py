@@ -22,7 +22,6 @@ def evaluate(
     model,
     tokens,
     *,
-    arch: str,
     batch_size: int,
     seq_len: int,
     env: DistEnv,
@@ -31,8 +30,9 @@ def evaluate(
 ) -> float:
     """Mean cross-entropy (nats/token) of `model` on `tokens`, over all ranks.
 
-    Contiguous streams in both cases; Transformer-XL carries its memory from segment to segment,
-    the other architectures see each segment on its own. max_batches > 0 caps the work (an
+    Contiguous streams; each segment is fed the state the previous one returned (the
+    Transformer-XL memory; the other architectures return none in evaluation and see each
+    segment on its own). max_batches > 0 caps the work (an
     estimate, for evaluations during training); 0 reads the whole split.
     """
     was_training = model.training
@@ -42,20 +42,15 @@ def evaluate(
     )
     n = len(batcher) if max_batches <= 0 else min(max_batches, len(batcher))
     total, count = 0.0, 0.0
-    mems = None
+    state = None
     for i, (inputs, targets) in enumerate(batcher):
         if i >= n:
             break
         inputs = torch.as_tensor(inputs, dtype=torch.int64).to(env.device)
         targets = torch.as_tensor(targets, dtype=torch.int64).to(env.device)
         with autocast(env.device, precision):
-            out = (
-                model(inputs, targets, mems=mems)
-                if arch == "transformer_xl"
-                else model(inputs, targets)
-            )
-        if arch == "transformer_xl":
-            mems = out.mems
+            out = model(inputs, targets, state=state)
+        state = out.state
         valid = int((targets != -100).sum())
         total += float(out.lm_loss) * valid
         count += valid

@@ -1,6 +1,6 @@
 """Expert parallelism for training: the routed layers' experts sharded over the ranks.
 
-`shard_experts` wraps every `moe_layers.RoutedExperts` layer of a model in
+`shard_experts` wraps every `moe_layers.RoutedMoE` layer of a model in
 `moe_layers.ExpertParallel`; the helpers below keep what leaves the ranks world-size independent:
 the model and optimiser states are gathered back to the layout of an unwrapped model (the keys and
 shapes a single-process run saves), and cut to this rank's shard again on loading. Without
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from moe_layers import ExpertParallel, RoutedExperts
+from moe_layers import ExpertParallel, RoutedMoE
 from moe_layers.parallel import EXPERT_PARAMETERS
 from torch import nn
 
@@ -19,12 +19,12 @@ from moe_train.errors import CLIError
 
 
 def shard_experts(model: nn.Module, world_size: int) -> None:
-    """Replace every RoutedExperts layer of `model` by ExpertParallel over the whole world."""
-    routed = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
+    """Replace every RoutedMoE layer of `model` by ExpertParallel over the whole world."""
+    routed = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedMoE)]
     for name, layer in routed:
-        if layer.n_experts % world_size:
+        if layer.experts.n_experts % world_size:
             raise CLIError(
-                f"train.expert_parallel: {name} has {layer.n_experts} experts, not divisible by "
+                f"train.expert_parallel: {name} has {layer.experts.n_experts} experts, not divisible by "
                 f"the world size {world_size}"
             )
     for name, layer in routed:
@@ -41,7 +41,7 @@ def _wrappers(model: nn.Module) -> dict[str, ExpertParallel]:
 def _expert_shards(model: nn.Module) -> dict[int, ExpertParallel]:
     """id(parameter) -> its wrapper, for every expert shard of `model`."""
     return {
-        id(getattr(m.layer, name)): m
+        id(m.layer.get_parameter(name)): m
         for m in _wrappers(model).values()
         for name in EXPERT_PARAMETERS
     }

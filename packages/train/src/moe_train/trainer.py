@@ -1,17 +1,23 @@
 """The training loop: AdamW, warmup + decay, clipping, accumulation, mixed precision, DDP, expert
-parallelism, XL memory.
+parallelism, carried model state (the XL memory).
+
+`Trainer.__init__` reads top to bottom as the run is put together: the output folder and the
+checkpoint to resume, the data, the model, the optimiser, the batches, the restored state, the DDP
+wrapper and the logger. `run` is the loop; `train_step` one optimiser step. The host reads the
+losses only at logging steps: each step's losses are summed on the device.
 
 Checkpoints hold everything a resumed run needs to continue bit-for-bit: model, optimiser,
-scheduler and grad-scaler states, each rank's data position, RNG states and Transformer-XL memory,
-the logging window and the best validation loss. The model and optimiser states are the full
-(unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks loads on any
-number of ranks, with or without expert parallelism; data positions, RNG states and memories are
-per rank and are restored exactly when the world size is unchanged (with another world size each
-rank starts from rank 0's data position with a fresh memory, and says so).
+scheduler and grad-scaler states, each rank's data position, RNG states and model state (the
+XL memory), the logging window and the best validation loss. The model and optimiser states are
+the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks
+loads on any number of ranks, with or without expert parallelism; data positions, RNG states and
+model states are per rank and are restored exactly when the world size is unchanged (with another
+world size each rank starts from rank 0's data position with a fresh state, and says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -85,9 +91,8 @@ def default_out_dir(preset: str, env: DistEnv) -> Path:
 
 
 def with_corpus_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
-    if cfg.model.vocab_size == vocab_size:
-        return cfg
-    cfg.model = moe_models.get_config(cfg.model, vocab_size=vocab_size)
+    if cfg.model.vocab_size != vocab_size:
+        cfg.model = moe_models.get_config(cfg.model, vocab_size=vocab_size)
     return cfg
 
 
@@ -104,16 +109,19 @@ def build_optimizer(model: torch.nn.Module, train) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
 
 
-def detach_mems(mems):
-    if mems is None:
-        return None
-    return [m.detach() for m in mems]
+def detach_state(state):
+    """The model state without its autograd history (it feeds the next step as an input)."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), state)
+
+
+def state_to(state, device):
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), state)
 
 
 def _check_resumable(payload: dict, cfg: RunConfig) -> None:
     saved = payload["run_config"]
     path = payload["path"]
-    if saved.get("model", {}).get("arch") != moe_models.config_to_dict(cfg.model)["arch"]:
+    if saved.get("model", {}).get("arch") != cfg.model.arch:
         raise CLIError(
             f"checkpoint {path} is a {saved.get('model', {}).get('arch')} model "
             f"({saved.get('preset')}); this run is a {cfg.model.arch} model ({cfg.preset})"
@@ -133,6 +141,19 @@ def load_model_state(model: torch.nn.Module, payload: dict) -> None:
         raise CLIError(
             f"checkpoint {payload['path']} does not fit this model architecture ({first[:160]})"
         ) from None
+
+
+def has_unused_parameters(model: torch.nn.Module, seq_len: int, device) -> bool:
+    """Whether a training forward and backward leaves a parameter without a gradient (DDP must
+    then look for unused parameters every step, which costs a graph traversal). Probed on one
+    dummy sequence, with the RNG states restored afterwards so that the run is unchanged."""
+    tokens = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        out = model(tokens, tokens)
+        out.loss.backward()
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 class _StopFlag:
@@ -158,11 +179,76 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class Window:
+    """The losses of the steps since the last log, summed on the device (read when logged)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.steps = 0
+        self.lm = torch.zeros((), dtype=torch.float64, device=device)
+        self.aux: dict[str, torch.Tensor] = {}
+
+    def add(self, lm: torch.Tensor, aux: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        self.lm += lm.detach().double()
+        for name, value in aux.items():
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.aux[name] = self.aux.get(name, zero) + value.detach().double()
+
+    def means(self, env: DistEnv) -> tuple[float, dict[str, float]]:
+        """Mean LM loss and auxiliary losses by name per step, over the ranks."""
+        names = sorted(self.aux)
+        values = [float(self.lm), *(float(self.aux[n]) for n in names)]
+        values = [v / max(self.steps, 1) for v in mean_over_ranks(values, env)]
+        return values[0], dict(zip(names, values[1:], strict=True))
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "lm": float(self.lm),
+            "aux": {n: float(v) for n, v in self.aux.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.lm = torch.tensor(state["lm"], dtype=torch.float64, device=self.device)
+        self.aux = {
+            n: torch.tensor(v, dtype=torch.float64, device=self.device)
+            for n, v in state["aux"].items()
+        }
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, opts: TrainOptions) -> None:
         self.opts = opts
-        self.env = env = setup(cfg.train.device)
-        train = cfg.train
+        self.env = setup(cfg.train.device)
+        self.micro_batch = self._check_options(cfg.train)
+        self.out_dir = Path(opts.out_dir or default_out_dir(cfg.preset, self.env))
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        payload = self._checkpoint_to_resume()
+        self.corpus = load_corpus(cfg.data)
+        self.level = self.corpus.level
+        self.cfg = with_corpus_vocab(cfg, self.corpus.vocab_size)
+        if payload is not None:
+            _check_resumable(payload, self.cfg)
+        self.model = self._build_model(payload)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.train)
+        self.scaler = torch.amp.GradScaler(enabled=self.cfg.train.precision == "fp16")
+        self.batches = self._build_batches()
+        self.step = 0
+        self.state = None
+        self.best_valid = math.inf
+        self.window = Window(self.env.device)
+        self.routing = RoutingAccumulator()
+        if payload is not None:
+            self._restore(payload)
+        self.ddp = self._wrap_ddp()
+        self.logger = self._build_logger(resumed=payload is not None)
+
+    def _check_options(self, train) -> int:
+        """The per-rank micro-batch, after the checks that need the device and world size."""
+        env = self.env
         if train.precision == "fp16" and env.device.type != "cuda":
             raise CLIError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         # with one process there is nothing to shard over: the option is a no-op
@@ -176,78 +262,67 @@ class Trainer:
                 f"train.batch_size={train.batch_size} is not divisible by world size "
                 f"{env.world_size} x train.grad_accum {train.grad_accum}"
             )
-        self.micro_batch = int(micro)
+        return int(micro)
 
-        out_dir = opts.out_dir or default_out_dir(cfg.preset, env)
-        self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        payload = None
-        if opts.resume:
+    def _checkpoint_to_resume(self) -> dict | None:
+        if self.opts.resume:
             latest = ckpt.latest(self.out_dir)
             if latest is None:
                 raise CLIError(f"--resume: no checkpoint in {self.ckpt_dir} to resume from")
-            payload = ckpt.load(latest)
-        elif ckpt.latest(self.out_dir) is not None:
+            return ckpt.load(latest)
+        if ckpt.latest(self.out_dir) is not None:
             raise CLIError(
-                f"{self.out_dir} already holds a run; pass --resume to continue it or choose another --out"
+                f"{self.out_dir} already holds a run; pass --resume to continue it or choose "
+                "another --out"
             )
+        return None
 
-        self.corpus = load_corpus(cfg.data)
-        self.cfg = with_corpus_vocab(cfg, self.corpus.vocab_size)
-        if payload is not None:
-            _check_resumable(payload, self.cfg)
-        self.level = self.corpus.level
-        torch.manual_seed(train.seed)
-        model = moe_models.build(self.cfg.model).to(env.device)
+    def _build_model(self, payload: dict | None) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.train.seed)
+        model = moe_models.build(self.cfg.model).to(self.env.device)
         if payload is not None:
             # into the unwrapped model: the checkpoint holds whole experts, sharded below
             load_model_state(model, payload)
         if self.expert_parallel:
-            shard_experts(model, env.world_size)
-        self.model = model
-        self.arch = model.arch
-        self.xl = self.arch == "transformer_xl"
-        self.optimizer = build_optimizer(model, train)
-        self.scheduler = make_scheduler(self.optimizer, train)
-        self.scaler = torch.amp.GradScaler(enabled=train.precision == "fp16")
+            shard_experts(model, self.env.world_size)
+        return model
+
+    def _build_batches(self) -> Batches:
+        env, train = self.env, self.cfg.train
         # dropout and expert dropout differ per rank, as they would on one bigger batch
         torch.manual_seed(train.seed * 1000 + env.rank)
-        self.batches = Batches(
+        return Batches(
             self.corpus.train,
             self.micro_batch,
             self.cfg.model.seq_len,
-            xl=self.xl,
+            streams=self.model.carries_state,
             seed=train.seed,
             rank=env.rank,
             world_size=env.world_size,
             device=env.device,
         )
-        self.step = 0
-        self.mems = None
-        self.best_valid = math.inf
-        self.window = {"loss": 0.0, "aux": 0.0, "steps": 0}
-        self.routing = RoutingAccumulator()
-        if payload is not None:
-            self._restore(payload)
-        self.ddp = model
-        if env.distributed:
-            # each rank's expert shards are its own: DDP must not average them with other ranks'
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, expert_parameter_names(model)
-            )
-            self.ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        self.logger = None
-        if env.is_main:
-            self.logger = MetricsLogger(self.out_dir, tensorboard=opts.tensorboard)
-            if payload is not None:
-                self.logger.truncate_after(self.step)
-            self._write_config()
 
-    def _write_config(self) -> None:
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if not self.env.distributed:
+            return self.model
+        # each rank's expert shards are its own: DDP must not average them with other ranks'
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self.model, expert_parameter_names(self.model)
+        )
+        unused = has_unused_parameters(self.model, self.cfg.model.seq_len, self.env.device)
+        return DistributedDataParallel(self.model, find_unused_parameters=unused)
+
+    def _build_logger(self, resumed: bool) -> MetricsLogger | None:
+        if not self.env.is_main:
+            return None
+        logger = MetricsLogger(self.out_dir, tensorboard=self.opts.tensorboard)
+        if resumed:
+            logger.truncate_after(self.step)
         path = self.out_dir / "config.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         tmp.replace(path)
+        return logger
 
     def _restore(self, payload: dict) -> None:
         missing = [k for k in RESUME_KEYS if k not in payload]
@@ -266,18 +341,17 @@ class Trainer:
             ) from None
         self.step = int(payload["step"])
         self.best_valid = float(payload["best_valid"])
-        self.window = dict(payload["window"])
+        self.window.load_state_dict(payload["window"])
         same_world = payload["world_size"] == self.env.world_size
         r = self.env.rank if same_world else 0
         self.batches.load_state_dict(ckpt.from_plain(payload["data"][r]))
         if same_world:
             ckpt.set_rng_state(payload["rng"][r])
-            mems = payload["mems"][r]
-            self.mems = None if mems is None else [m.to(self.env.device) for m in mems]
+            self.state = state_to(payload["state"][r], self.env.device)
         elif self.env.is_main:
             print(
                 f"note: checkpoint written by {payload['world_size']} rank(s), resuming on "
-                f"{self.env.world_size}: data position taken from rank 0, XL memory reset",
+                f"{self.env.world_size}: data position taken from rank 0, model state reset",
                 file=sys.stderr,
             )
 
@@ -286,12 +360,11 @@ class Trainer:
         expert shards gathered to the unsharded layout."""
         model_state = full_model_state(self.model)
         optimizer_state = full_optimizer_state(self.optimizer, self.model)
-        mems = None if self.mems is None else [m.detach().cpu() for m in self.mems]
         per_rank = gather_to_all(
             {
                 "data": ckpt.to_plain(self.batches.state_dict()),
                 "rng": ckpt.rng_state(),
-                "mems": mems,
+                "state": state_to(self.state, "cpu"),
             },
             self.env,
         )
@@ -299,7 +372,7 @@ class Trainer:
             return None
         return {
             "run_config": self.cfg.to_dict(),
-            "arch": self.arch,
+            "arch": self.cfg.model.arch,
             "level": self.level,
             "model": model_state,
             "optimizer": optimizer_state,
@@ -307,11 +380,11 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "best_valid": self.best_valid,
-            "window": dict(self.window),
+            "window": self.window.state_dict(),
             "world_size": self.env.world_size,
             "data": [p["data"] for p in per_rank],
             "rng": [p["rng"] for p in per_rank],
-            "mems": [p["mems"] for p in per_rank],
+            "state": [p["state"] for p in per_rank],
         }
 
     def save(self, is_best: bool = False) -> None:
@@ -321,27 +394,30 @@ class Trainer:
                 payload, self.step, is_best=is_best
             )
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimiser step over grad_accum micro-batches; returns (lm loss, aux loss) means."""
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimiser step over grad_accum micro-batches; returns this rank's mean LM loss and
+        auxiliary losses by name, as device tensors (not read here)."""
         train = self.cfg.train
-        lm_sum = aux_sum = 0.0
+        lm_sum = torch.zeros((), device=self.env.device)
+        aux_sums: dict[str, torch.Tensor] = {}
         for micro in range(train.grad_accum):
-            inputs, targets, new_epoch = self.batches.next()
-            if new_epoch:
-                self.mems = None
+            inputs, targets, new_stream = self.batches.next()
+            if new_stream:
+                self.state = None
             last = micro == train.grad_accum - 1
-            sync = self.ddp.no_sync() if (self.env.distributed and not last) else _null()
+            sync = (
+                self.ddp.no_sync()
+                if self.env.distributed and not last
+                else contextlib.nullcontext()
+            )
             with sync:
                 with autocast(self.env.device, train.precision):
-                    if self.xl:
-                        out = self.ddp(inputs, targets, mems=self.mems)
-                    else:
-                        out = self.ddp(inputs, targets)
+                    out = self.ddp(inputs, targets, state=self.state)
                 self.scaler.scale(out.loss / train.grad_accum).backward()
-            if self.xl:
-                self.mems = detach_mems(out.mems)
-            lm_sum += float(out.lm_loss.detach())
-            aux_sum += float(out.loss.detach()) - float(out.lm_loss.detach())
+            self.state = detach_state(out.state)
+            lm_sum = lm_sum + out.lm_loss.detach() / train.grad_accum
+            for name, value in out.aux_losses.items():
+                aux_sums[name] = aux_sums.get(name, 0) + value.detach() / train.grad_accum
             stats = out.routing_stats
             if self.expert_parallel:
                 # logged under the unwrapped layer's name, as in a run without expert parallelism
@@ -355,15 +431,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        lm, aux = mean_over_ranks([lm_sum / train.grad_accum, aux_sum / train.grad_accum], self.env)
-        return lm, aux
+        return lm_sum, aux_sums
 
     def validate(self, max_batches: int) -> float:
         train = self.cfg.train
         return evaluate(
             self.model,
             self.corpus.valid,
-            arch=self.arch,
             batch_size=max(train.eval_batch_size // self.env.world_size, 1),
             seq_len=self.cfg.model.seq_len,
             env=self.env,
@@ -371,21 +445,37 @@ class Trainer:
             max_batches=max_batches,
         )
 
+    def _log_window(self, elapsed: float, bar) -> None:
+        lm, aux = self.window.means(self.env)
+        n = self.window.steps
+        record = {"step": self.step, **level_metrics("train", lm, self.level)}
+        record["aux_loss"] = sum(aux.values())
+        record.update({f"aux/{name}": value for name, value in aux.items()})
+        record["lr"] = self.last_lr
+        tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
+        record["tokens_per_s"] = n * tokens_per_step / max(elapsed, 1e-9)
+        unit = "bpc" if uses_bpc(self.level) else "ppl"
+        bar.set_postfix(
+            loss=f"{record['train_loss']:.3f}",
+            **{unit: f"{record['train_' + unit]:.3f}"},
+            tok_s=f"{record['tokens_per_s']:.0f}",
+        )
+        self._log(record)
+        self.window = Window(self.env.device)
+
     def run(self) -> TrainResult:
-        train = self.cfg.train
-        env = self.env
+        train, env = self.cfg.train, self.env
         end = (
             train.max_steps
             if self.opts.stop_at is None
             else min(self.opts.stop_at, train.max_steps)
         )
-        tokens_per_step = train.batch_size * self.cfg.model.seq_len
-        unit = "bpc" if uses_bpc(self.level) else "ppl"
         if env.is_main:
             print(
-                f"training {self.cfg.preset} ({self.arch}) on {self.corpus.name} "
+                f"training {self.cfg.preset} ({self.cfg.model.arch}) on {self.corpus.name} "
                 f"[{self.level}], {env.world_size} process(es) on {env.device}"
-                f"{', experts sharded over them' if self.expert_parallel else ''}; out: {self.out_dir}",
+                f"{', experts sharded over them' if self.expert_parallel else ''}; "
+                f"out: {self.out_dir}",
                 flush=True,
             )
         bar = tqdm(
@@ -404,31 +494,11 @@ class Trainer:
             while self.step < end:
                 lm, aux = self.train_step()
                 self.step += 1
-                self.window["loss"] += lm
-                self.window["aux"] += aux
-                self.window["steps"] += 1
-                shown = level_metrics("train", lm, self.level)
+                self.window.add(lm, aux)
                 bar.update(1)
                 if self.step % train.log_interval == 0 or self.step == end:
-                    elapsed = time.perf_counter() - window_start
-                    n = self.window["steps"]
-                    record = {
-                        "step": self.step,
-                        **level_metrics("train", self.window["loss"] / n, self.level),
-                    }
-                    record["aux_loss"] = self.window["aux"] / n
-                    record["lr"] = self.last_lr
-                    record["tokens_per_s"] = n * tokens_per_step / max(elapsed, 1e-9)
-                    bar.set_postfix(
-                        loss=f"{record['train_loss']:.3f}",
-                        **{unit: f"{record['train_' + unit]:.3f}"},
-                        tok_s=f"{record['tokens_per_s']:.0f}",
-                    )
-                    self._log(record)
-                    self.window = {"loss": 0.0, "aux": 0.0, "steps": 0}
+                    self._log_window(time.perf_counter() - window_start, bar)
                     window_start = time.perf_counter()
-                elif self.step == 1:
-                    bar.set_postfix(loss=f"{lm:.3f}", **{unit: f"{shown['train_' + unit]:.3f}"})
                 if self.step % train.routing_interval == 0 and self.routing.sums:
                     summary = self.routing.summary(
                         reduce_sum=lambda v: sum_over_ranks(v, env) if env.distributed else v
@@ -441,7 +511,7 @@ class Trainer:
                     is_best = last_valid < self.best_valid
                     self.best_valid = min(self.best_valid, last_valid)
                     self._log({"step": self.step, **level_metrics("valid", last_valid, self.level)})
-                stop_now = bool(mean_over_ranks([float(stop.set)], env)[0] > 0)
+                stop_now = self._should_stop(stop)
                 if self.step % train.save_interval == 0 or is_best or self.step == end or stop_now:
                     self.save(is_best=is_best)
                 if stop_now:
@@ -460,17 +530,18 @@ class Trainer:
             self.logger.close()
         return TrainResult(self.out_dir, self.step, self.level, last_valid, interrupted)
 
+    def _should_stop(self, stop: _StopFlag) -> bool:
+        """A signal's stop request; the ranks agree on it at logging steps only (an all-reduce
+        every step would make every step wait for the slowest rank's host)."""
+        if not self.env.distributed:
+            return stop.set
+        if self.step % self.cfg.train.log_interval:
+            return False
+        return bool(mean_over_ranks([float(stop.set)], self.env)[0] > 0)
+
     def _log(self, record: dict) -> None:
         if self.logger is not None:
             self.logger.log(record)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg: RunConfig, opts: TrainOptions) -> TrainResult:
