@@ -107,3 +107,26 @@ def test_torch_routing_sort_reads_nothing():
 def test_asynchronous_id_check_still_fails():
     with pytest.raises(RuntimeError, match="idx holds expert ids outside"):
         check_idx_values(torch.tensor([[0, E]]), E, asynchronous=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("call", CALLS)
+def test_cuda_path_does_not_synchronise(call, dtype):
+    """On CUDA: no host read recorded and none that CUDA's sync debug mode sees, once the
+    first call has autotuned the kernels (autotuning benchmarks, which synchronises)."""
+    inputs = {
+        name: t.detach()
+        .to("cuda", dtype if t.is_floating_point() else t.dtype)
+        .requires_grad_(t.requires_grad)
+        for name, t in _inputs().items()
+    }
+    _forward_backward(lambda: call(inputs, "auto"))
+    torch.cuda.synchronize()
+    with HostReads() as reads:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _forward_backward(lambda: call(inputs, "auto"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert reads.ops == []

@@ -6,6 +6,10 @@ block is a contiguous slice and no Python loop ever runs over tokens. The produc
 groups itself) and otherwise a loop over experts on contiguous slices (any dtype, fp64 included).
 The padded layout (one bmm per product) is the alternative for many small experts; see
 `choose_torch_backend`. These backends also run on CUDA for fp64, which Triton does not take.
+
+Host reads, kept for speed (on the CPU a read waits for nothing): the layout choice and the
+padded capacity read max(count), the per-expert loops read the offsets. On CUDA (fp64, or a torch
+backend forced) each of these is a device-to-host synchronisation; the Triton path has none.
 """
 
 import torch

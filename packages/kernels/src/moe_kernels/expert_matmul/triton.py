@@ -9,12 +9,15 @@ of tiles, the programs past the last tile doing nothing. Accumulation is fp32 fo
 dtype (fp32 inputs use IEEE-precision dots, not TF32).
 
 Block sizes, num_warps and num_stages are autotuned per (d_in, d_out, E, row-count bucket, dtype)
-on the first launch of each such key (that first launch benchmarks, so it synchronizes once);
-under TRITON_INTERPRET=1, which cannot afford tuning, one small fixed configuration runs.
+on the first launch of each such key (that first launch benchmarks, so it synchronizes once),
+among the configurations whose tiles do not far exceed the problem; under TRITON_INTERPRET=1,
+which cannot afford tuning, one small fixed configuration runs. bf16 and fp16 go to tl.dot as
+they are on hardware; only the interpreter widens bf16 (UPCAST).
 
 Importing this module needs Triton; moe_kernels imports it only when the Triton backend is used.
 """
 
+import math
 import os
 
 import torch
@@ -67,6 +70,34 @@ _DW_CONFIGS = _configs(
     ],
 )
 _MATMUL_KEY = ["d_in", "d_out", "n_experts", "rows_bucket", "HAS_ROWS"]
+
+
+def _pruner(sizes_of):
+    """early_config_prune: drop tiles far larger than the problem. A config's overshoot is the
+    factor of masked-off work, the product over its blocks of block / next_pow2(dimension) where
+    above 1; the configs within twice the smallest overshoot stay (all of them on large shapes).
+    sizes_of(args) -> the dimensions the three blocks cut, in the configs' order."""
+
+    def prune(configs, named_args, **kwargs):
+        sizes = [triton.next_power_of_2(max(1, n)) for n in sizes_of(named_args)]
+
+        def overshoot(config):
+            blocks = config.kwargs.values()
+            return math.prod(max(1, b // n) for b, n in zip(blocks, sizes, strict=True))
+
+        least = min(map(overshoot, configs))
+        return [c for c in configs if overshoot(c) <= 2 * least]
+
+    return prune
+
+
+def _rows_per_expert(args) -> int:
+    return max(1, args["rows_bucket"] // args["n_experts"])
+
+
+_PRUNE_FWD = _pruner(lambda a: (_rows_per_expert(a), a["d_out"], a["d_in"]))
+_PRUNE_DX = _pruner(lambda a: (_rows_per_expert(a), a["d_in"], a["d_out"]))
+_PRUNE_DW = _pruner(lambda a: (a["d_in"], a["d_out"], _rows_per_expert(a)))
 
 
 @triton.jit
@@ -147,7 +178,9 @@ def _tile_times_expert_matrix(
     )
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=_MATMUL_KEY)
+@triton.autotune(
+    configs=_MATMUL_CONFIGS, key=_MATMUL_KEY, prune_configs_by={"early_config_prune": _PRUNE_FWD}
+)
 @triton.jit(do_not_specialize=["rows_bucket"])
 def expert_matmul_fwd_kernel(
     x_ptr, x_rows_ptr, w_ptr, y_ptr, offsets_ptr, n_experts, rows_bucket,
@@ -165,7 +198,9 @@ def expert_matmul_fwd_kernel(
     )  # fmt: skip
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=_MATMUL_KEY)
+@triton.autotune(
+    configs=_MATMUL_CONFIGS, key=_MATMUL_KEY, prune_configs_by={"early_config_prune": _PRUNE_DX}
+)
 @triton.jit(do_not_specialize=["rows_bucket"])
 def expert_matmul_bwd_dx_kernel(
     dy_ptr, dy_rows_ptr, w_ptr, dx_ptr, offsets_ptr, n_experts, rows_bucket,
@@ -183,7 +218,9 @@ def expert_matmul_bwd_dx_kernel(
 
 
 @triton.autotune(
-    configs=_DW_CONFIGS, key=["d_in", "d_out", "n_experts", "rows_bucket", "HAS_X_ROWS"]
+    configs=_DW_CONFIGS,
+    key=["d_in", "d_out", "n_experts", "rows_bucket", "HAS_X_ROWS"],
+    prune_configs_by={"early_config_prune": _PRUNE_DW},
 )
 @triton.jit(do_not_specialize=["rows_bucket"])
 def expert_matmul_bwd_dw_kernel(
