@@ -495,8 +495,9 @@ class RoutedMoE(MoEModule):
     `__init__` builds `self.experts` (`build_experts`: from the Config's d_model, n_experts,
     expert_size, activation, dropout and impl), then `self.router` (`build_router`), then calls
     `reset_parameters`. forward: routing = router(x_TD, token_ids_T); its auxiliary losses and
-    statistics are recorded; y = experts(x_TD, routing.idx_TK, routing.gates_TK).
-    `ExpertParallel` shards `experts` across ranks.
+    statistics are recorded; y = experts(expert_inputs(x_TD, routing), routing.idx_TK,
+    routing.gates_TK), where `expert_inputs` is x_TD unless a layer transforms what its experts
+    see (BaseLayer's per-expert LayerNorm). `ExpertParallel` shards `experts` across ranks.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -529,4 +530,8 @@ class RoutedMoE(MoEModule):
         self.record_routing_stats(
             routing.counts_E, x_TD.shape[0], routing.probs_TE, routing.dropped
         )
-        return self.experts(x_TD, routing.idx_TK, routing.gates_TK)
+        return self.experts(self.expert_inputs(x_TD, routing), routing.idx_TK, routing.gates_TK)
+
+    def expert_inputs(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """What the experts are given for the tokens the router saw (x_TD itself by default)."""
+        return x_TD

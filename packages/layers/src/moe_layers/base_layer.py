@@ -4,8 +4,11 @@ Training solves max sum_t s(t, e_t) over assignments giving every expert the sam
 (at most ceil(T/E)), s(t, e) = x_t . c_e, with an auction algorithm (Bertsekas) in torch; inference
 routes each token greedily to its best expert. fairseq's BASE layer is a separate residual block,
 out = σ(x.c_e) f_e(x) + (1 - σ(x.c_e)) x with f_e(x) = x + FFN_e(LN(x)), i.e.
-out = x + σ(x.c_e) FFN_e(LN(x)); as an FFN replacement inside a pre-LN block (which adds x and
-applies the LN) this layer returns the routed part σ(x.c_e) FFN_e(x).
+out = x + σ(x.c_e) FFN_e(LN_e(x)), each expert with its own LayerNorm LN_e and its output
+projection zero-initialised (the block starts as the identity), routing on the raw residual stream.
+As an FFN replacement inside a pre-LN block (which adds x and applies the LN) this layer returns
+the routed part σ(x.c_e) FFN_e(x); `expert_norm=True` adds LN_e, `zero_init_output=True` the zero
+init, and moe_models' `moe_placement="standalone"` places it as fairseq does.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from moe_layers.base import (
     ACTIVATIONS,
@@ -24,6 +28,7 @@ from moe_layers.base import (
     ParameterCount,
     RoutedMoE,
     Routing,
+    check_bools,
     check_choice,
     check_probabilities,
     check_sizes,
@@ -99,6 +104,21 @@ def balanced_assignment(
 ROUTINGS = ("balanced", "greedy")
 
 
+class ExpertLayerNorm(nn.Module):
+    """E LayerNorms over d_model: `norm(x_TD, e_T)` normalises token t with the weight and bias of
+    its expert e_t. Parameters: weight [E, d_model] (ones), bias [E, d_model] (zeros)."""
+
+    def __init__(self, n_experts: int, d_model: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_experts, d_model))
+        self.bias = nn.Parameter(torch.zeros(n_experts, d_model))
+
+    def forward(self, x_TD: Tensor, e_T: Tensor) -> Tensor:
+        x_hat_TD = F.layer_norm(x_TD, (x_TD.shape[-1],), eps=self.eps)
+        return x_hat_TD * self.weight[e_T] + self.bias[e_T]
+
+
 class BalancedAssignmentRouter(LinearRouter):
     """Top-1 by affinity x . c_e (c = `gate`, the centroids), gated by σ(x . c_e).
 
@@ -131,9 +151,17 @@ class BaseLayer(RoutedMoE):
     train_routing: "balanced" (the paper) or "greedy" (argmax in training too, an ablation).
     dropout, activation, n_layers (init scale), impl: as for GShardMoE. Centroids are initialised
     orthogonal with gain 0.1 (fairseq's BASE layer).
+    zero_init_output: False (default: w2 ~ N(0, c²/G) as for GShardMoE) or True (w2 = 0, as
+        fairseq's BASE sublayer zero-initialises fc2: the layer outputs 0 at initialisation, so a
+        residual BASE block starts as the identity).
+    expert_norm: False (default) or True: each expert has its own LayerNorm (weight 1, bias 0 at
+        init, eps 1e-5) applied to its input, y = σ(x.c_e) FFN_e(LN_e(x)), as fairseq's BASE
+        sublayer; routing and the gate σ(x.c_e) still see x itself.
+    fairseq's experts also have biases, which these do not.
 
     Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model]
-    (the centroids). Ignores `token_ids`.
+    (the centroids); with expert_norm, expert_norm.weight and expert_norm.bias [E, d_model].
+    Ignores `token_ids`.
     """
 
     @dataclass(frozen=True, kw_only=True)
@@ -145,6 +173,8 @@ class BaseLayer(RoutedMoE):
         dropout: float = 0.0
         activation: str = "relu"
         n_layers: int = 1
+        zero_init_output: bool = False
+        expert_norm: bool = False
         impl: str = "fast"
 
         def __post_init__(self) -> None:
@@ -153,10 +183,22 @@ class BaseLayer(RoutedMoE):
             check_choice(self, "train_routing", ROUTINGS)
             check_probabilities(self, "dropout")
             check_choice(self, "activation", ACTIVATIONS)
+            check_bools(self, "zero_init_output", "expert_norm")
             check_choice(self, "impl", IMPLS)
 
         def parameter_count(self) -> ParameterCount:
-            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
+            count = routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
+            if not self.expert_norm:
+                return count
+            norm = 2 * self.d_model
+            return ParameterCount(
+                total=count.total + self.n_experts * norm, active=count.active + norm
+            )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.config
+        self.expert_norm = ExpertLayerNorm(c.n_experts, c.d_model) if c.expert_norm else None
 
     def build_router(self) -> BalancedAssignmentRouter:
         c = self.config
@@ -164,4 +206,11 @@ class BaseLayer(RoutedMoE):
 
     def reset_parameters(self) -> None:
         init_ffn_experts(self.experts, self.config.n_layers)
+        if self.config.zero_init_output:
+            nn.init.zeros_(self.experts.w2)
         nn.init.orthogonal_(self.router.gate, gain=0.1)
+
+    def expert_inputs(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        if self.expert_norm is None:
+            return x_TD
+        return self.expert_norm(x_TD, routing.idx_TK[:, 0])

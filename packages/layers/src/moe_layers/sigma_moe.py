@@ -36,9 +36,12 @@ def negative_batch_entropy(logits_TE: Tensor) -> Tensor:
     """-H(p̄) with p̄ the batch mean of softmax(logits_t): the σ-MoE entropy regulariser, unweighted.
 
     Computed in log space (log p̄ = logsumexp_t log_softmax(z_t) - log T) so that very peaked
-    distributions do not underflow. Minimising it maximises the entropy of the batch's expert usage.
+    distributions do not underflow, in the logits' precision but at least float32 (half-precision
+    logits are promoted, float64 ones stay float64). Minimising it maximises the entropy of the
+    batch's expert usage.
     """
-    log_p_TE = torch.log_softmax(logits_TE.float(), dim=-1)
+    dtype = torch.promote_types(logits_TE.dtype, torch.float32)
+    log_p_TE = torch.log_softmax(logits_TE.to(dtype), dim=-1)
     log_mean_E = torch.logsumexp(log_p_TE, dim=0) - math.log(logits_TE.shape[0])
     return (log_mean_E.exp() * log_mean_E).sum()
 
@@ -95,9 +98,20 @@ class SigmoidTopKRouter(LinearRouter):
         return Routing(idx_TK, gates_TK, counts_E, probs_TE=probs_TE, aux_losses=aux)
 
 
-def init_sigma_moe(layer: RoutedMoE, n_layers: int, init: str = "dense") -> None:
-    """The σ-MoE dense-equivalent initialisation of w1, w2 and gate (see SigmaMoE's `init`)."""
-    c = math.sqrt(2.0 / n_layers)
+def init_sigma_moe(
+    layer: RoutedMoE,
+    n_layers: int,
+    init: str = "dense",
+    *,
+    init_scale: float = 1.0,
+    normalize_gate_rows: bool = True,
+) -> None:
+    """The σ-MoE dense-equivalent initialisation of w1, w2 and gate (see SigmaMoE's `init`).
+
+    init_scale multiplies the variance of all three (c = sqrt(init_scale * 2 / n_layers), the
+    authors' `moe.init_scale`); normalize_gate_rows=False leaves the gate rows as drawn.
+    """
+    c = math.sqrt(init_scale * 2.0 / n_layers)
     w1, w2, gate = layer.experts.w1, layer.experts.w2, layer.router.gate
     n_experts, d_model, expert_size = w1.shape
     width = n_experts * expert_size if init == "dense" else expert_size
@@ -105,8 +119,9 @@ def init_sigma_moe(layer: RoutedMoE, n_layers: int, init: str = "dense") -> None
         nn.init.normal_(w1, std=c / math.sqrt(d_model))
         nn.init.normal_(w2, std=c / math.sqrt(width))
         nn.init.normal_(gate, std=c / math.sqrt(d_model))
-        # every row gets the norm c that a row of std c/sqrt(d_model) has on average
-        gate.mul_(c / gate.norm(dim=-1, keepdim=True))
+        if normalize_gate_rows:
+            # every row gets the norm c that a row of std c/sqrt(d_model) has on average
+            gate.mul_(c / gate.norm(dim=-1, keepdim=True))
 
 
 class SigmaMoE(RoutedMoE):

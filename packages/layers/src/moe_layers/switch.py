@@ -21,16 +21,28 @@ from moe_layers.base import (
     ParameterCount,
     RoutedMoE,
     Routing,
+    check_bools,
     check_choice,
     check_non_negative,
+    check_option,
     check_positive_or_none,
     check_probabilities,
     check_sizes,
+    is_finite,
     routed_parameter_count,
 )
 from moe_layers.sigma_moe import INITS, init_sigma_moe
 
 BALANCE_VARIANTS = ("switch", "csordas")
+CAPACITY_ROUNDINGS = ("switch", "fairseq")
+
+
+def switch_capacity(n_tokens: int, n_experts: int, factor: float, rounding: str) -> int:
+    """Training capacity per expert of a call of n_tokens: "switch" ceil(f * S / E) (Fedus et al.),
+    "fairseq" int(f * ceil(S / E)) (fairseq's top1gating), which may be larger or smaller."""
+    if rounding == "fairseq":
+        return int(factor * math.ceil(n_tokens / n_experts))
+    return math.ceil(factor * n_tokens / n_experts)
 
 
 def capacity_keep_mask(idx_T: Tensor, n_experts: int, capacity: int) -> Tensor:
@@ -65,16 +77,20 @@ class SwitchRouter(LinearRouter):
         eval_capacity_factor: float | None,
         load_balance_weight: float,
         balance_variant: str,
+        capacity_rounding: str = "switch",
     ) -> None:
         super().__init__(d_model, n_experts)
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.capacity_rounding = capacity_rounding
         self.load_balance_weight, self.balance_variant = load_balance_weight, balance_variant
 
     def capacity(self, n_tokens: int) -> int | None:
         """Tokens each expert takes from a call of n_tokens; None: no limit."""
         if self.training:
             f = self.capacity_factor
-            return None if f is None else math.ceil(f * n_tokens / self.n_experts)
+            if f is None:
+                return None
+            return switch_capacity(n_tokens, self.n_experts, f, self.capacity_rounding)
         f = self.eval_capacity_factor
         return None if f is None else math.ceil(f * n_tokens)
 
@@ -113,6 +129,9 @@ class SwitchMoE(RoutedMoE):
     capacity_factor: in training, None (no capacity limit: every token is processed, the σ-MoE
         paper's setting) or a positive float f (each expert takes at most ceil(f * T / E) of the
         call's T tokens, in token order; the rest are dropped).
+    capacity_rounding: how the training capacity is rounded: "switch" (ceil(f * T / E), the Switch
+        paper) or "fairseq" (int(f * ceil(T / E)), fairseq's top1gating; e.g. T = 100, E = 8,
+        f = 2 gives 25 slots per expert with "switch", 26 with "fairseq").
     eval_capacity_factor: in eval mode, None (default: no capacity limit, so that a token's output
         depends on that token only: evaluation is causal and independent of batch-mates and
         padding) or a positive float f: each expert takes at most ceil(f * T) tokens, in token
@@ -124,6 +143,13 @@ class SwitchMoE(RoutedMoE):
         normalisation, mean over tokens and experts of p_te f_e, which is the former / E²).
     n_layers, activation, dropout (on the expert hidden), impl: as SigmaMoE.
     init: as SigmaMoE ("dense" default; the σ-MoE authors' Switch runs used "expert_size").
+    init_scale: multiplies the variance of w1, w2 and the gate: c = sqrt(init_scale * 2 / n_layers)
+        in the stds c/sqrt(d_model) (w1, gate) and c/sqrt(width) (w2). The σ-MoE authors' Switch
+        runs used 0.1 (`moe.init_scale`, which their code applies as sqrt(0.1) to the stds).
+    normalize_gate_rows: True (default, σ-MoE's init) rescales every gate row to norm c; False
+        leaves the rows as drawn (the authors' Switch runs, `moe.norm_expert_sel_init=0`).
+    The σ-MoE authors' Switch: init="expert_size", init_scale=0.1, normalize_gate_rows=False
+        (at d_model=1024, E=8, G=512, L=18: w1 and gate std 0.0033, w2 std 0.0047).
     Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model].
     Ignores `token_ids`.
     """
@@ -135,23 +161,31 @@ class SwitchMoE(RoutedMoE):
         expert_size: int
         capacity_factor: float | None = None
         eval_capacity_factor: float | None = None
+        capacity_rounding: str = "switch"
         load_balance_weight: float = 0.01
         balance_variant: str = "switch"
         n_layers: int = 1
         activation: str = "relu"
         dropout: float = 0.0
         init: str = "dense"
+        init_scale: float = 1.0
+        normalize_gate_rows: bool = True
         impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
             check_sizes(self, "n_experts", "expert_size", "n_layers")
             check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
+            check_choice(self, "capacity_rounding", CAPACITY_ROUNDINGS)
             check_non_negative(self, "load_balance_weight")
             check_choice(self, "balance_variant", BALANCE_VARIANTS)
             check_choice(self, "activation", ACTIVATIONS)
             check_probabilities(self, "dropout")
             check_choice(self, "init", INITS)
+            check_option(
+                self, ["init_scale"], lambda v: is_finite(v) and v > 0, "a finite number > 0"
+            )
+            check_bools(self, "normalize_gate_rows")
             check_choice(self, "impl", IMPLS)
 
         def parameter_count(self) -> ParameterCount:
@@ -166,7 +200,15 @@ class SwitchMoE(RoutedMoE):
             eval_capacity_factor=c.eval_capacity_factor,
             load_balance_weight=c.load_balance_weight,
             balance_variant=c.balance_variant,
+            capacity_rounding=c.capacity_rounding,
         )
 
     def reset_parameters(self) -> None:
-        init_sigma_moe(self, self.config.n_layers, self.config.init)
+        c = self.config
+        init_sigma_moe(
+            self,
+            c.n_layers,
+            c.init,
+            init_scale=c.init_scale,
+            normalize_gate_rows=c.normalize_gate_rows,
+        )
