@@ -146,6 +146,8 @@ BAD_VALUES = [
     (PKM, "knn", 10),
     (PKM, "activation", "sigmoid"),
     (PKM, "value_init", "xavier"),
+    (PKM, "selection", "sparse"),
+    (PKM, "selection", True),
     (SwitchMoE, "expert_size", 0),
     (SwitchMoE, "capacity_factor", 0.0),
     (SwitchMoE, "capacity_factor", float("nan")),
@@ -154,6 +156,11 @@ BAD_VALUES = [
     (SwitchMoE, "balance_variant", "gshard"),
     (SwitchMoE, "init", "orthogonal"),
     (SwitchMoE, "dropout", 1.0),
+    (SwitchMoE, "capacity_rounding", "floor"),
+    (SwitchMoE, "init_scale", 0.0),
+    (SwitchMoE, "init_scale", float("inf")),
+    (SwitchMoE, "init_scale", True),
+    (SwitchMoE, "normalize_gate_rows", 1),
     (SBaseMoE, "k", 5),
     (SBaseMoE, "sinkhorn_iters", -1),
     (SBaseMoE, "sinkhorn_iters", 1.5),
@@ -171,6 +178,8 @@ BAD_VALUES = [
     (BaseLayer, "train_routing", "sinkhorn"),
     (BaseLayer, "dropout", 1.0),
     (BaseLayer, "activation", "tanh"),
+    (BaseLayer, "zero_init_output", "yes"),
+    (BaseLayer, "expert_norm", 0),
     (HashLayer, "vocab_size", 0),
     (HashLayer, "hash", "md5"),
     (HashLayer, "seed", 1.5),
@@ -291,7 +300,11 @@ ACTIVE = {
     SigmaMoE: lambda m: _router(m) + m.config.k * _per_expert(m),
     SBaseMoE: lambda m: _router(m) + m.config.k * _per_expert(m),
     SwitchMoE: lambda m: _router(m) + _per_expert(m),
-    BaseLayer: lambda m: _router(m) + _per_expert(m),
+    BaseLayer: lambda m: (
+        _router(m)
+        + _per_expert(m)
+        + (0 if m.expert_norm is None else m.expert_norm.weight.shape[1] * 2)
+    ),
     TMoE: lambda m: _router(m) + _per_expert(m),
     HashLayer: lambda m: _router(m) + _per_expert(m),
     GShardMoE: lambda m: _router(m) + min(2, m.config.n_experts) * _per_expert(m),
@@ -300,8 +313,15 @@ ACTIVE = {
         + (0 if m.b1 is None else m.b1.numel() + m.b2.numel())
         + m.config.k * m.w2.shape[1]
     ),
+    # the dense path reads every value row
     PKM: lambda m: (
-        m.keys.numel() + min(m.config.n_heads * m.config.knn, m.values.shape[0]) * m.values.shape[1]
+        m.keys.numel()
+        + (
+            m.values.shape[0]
+            if m.config.dense_path
+            else min(m.config.n_heads * m.config.knn, m.values.shape[0])
+        )
+        * m.values.shape[1]
     ),
 }
 
@@ -313,11 +333,14 @@ SIZES = [
     (TopKFFN, dict(d_model=3, d_ff=5, k=5, bias=False)),
     (PKM, dict(d_model=6, n_keys=2, n_heads=3, knn=4)),
     (PKM, dict(d_model=4, n_keys=5, n_heads=1, knn=1)),
+    (PKM, dict(d_model=6, n_keys=4, n_heads=3, knn=2, selection="dense")),
+    (PKM, dict(d_model=4, n_keys=3, n_heads=2, knn=3, selection="auto")),
     (SwitchMoE, dict(d_model=3, n_experts=6, expert_size=5)),
     (SBaseMoE, dict(d_model=6, n_experts=5, expert_size=2, k=3)),
     (GShardMoE, dict(d_model=5, n_experts=1, expert_size=4)),
     (GShardMoE, dict(d_model=3, n_experts=9, expert_size=2)),
     (BaseLayer, dict(d_model=2, n_experts=3, expert_size=7)),
+    (BaseLayer, dict(d_model=5, n_experts=3, expert_size=2, expert_norm=True)),
     (HashLayer, dict(d_model=6, n_experts=2, expert_size=1, vocab_size=3)),
     (TMoE, dict(d_model=4, n_experts=2, expert_size=5)),
     (SMoE, dict(d_model=6, n_experts=3, seq_len=10, routing="learned", prefix_fraction=0.3)),

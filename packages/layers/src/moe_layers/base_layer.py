@@ -119,6 +119,11 @@ class ExpertLayerNorm(nn.Module):
         return x_hat_TD * self.weight[e_T] + self.bias[e_T]
 
 
+def _option(config, name: str) -> bool:
+    # the Config of a subclass (TMoE) may not have BaseLayer's boolean options: they are off
+    return getattr(config, name, False)
+
+
 class BalancedAssignmentRouter(LinearRouter):
     """Top-1 by affinity x . c_e (c = `gate`, the centroids), gated by σ(x . c_e).
 
@@ -198,7 +203,9 @@ class BaseLayer(RoutedMoE):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         c = self.config
-        self.expert_norm = ExpertLayerNorm(c.n_experts, c.d_model) if c.expert_norm else None
+        self.expert_norm = (
+            ExpertLayerNorm(c.n_experts, c.d_model) if _option(c, "expert_norm") else None
+        )
 
     def build_router(self) -> BalancedAssignmentRouter:
         c = self.config
@@ -206,7 +213,7 @@ class BaseLayer(RoutedMoE):
 
     def reset_parameters(self) -> None:
         init_ffn_experts(self.experts, self.config.n_layers)
-        if self.config.zero_init_output:
+        if _option(self.config, "zero_init_output"):
             nn.init.zeros_(self.experts.w2)
         nn.init.orthogonal_(self.router.gate, gain=0.1)
 
