@@ -46,22 +46,22 @@ def _outputs_and_grads(fn, inputs):
     return [y.detach()] + [t.grad for t in leaves if t.dtype.is_floating_point]
 
 
-def _check_against_eager(fn, compile_backend, token_counts=(7, 11, 13)):
+def _check_against_eager(fn, compile_backend, token_counts=(7, 11, 13), dynamic=None):
     counter = CompileCounterWithBackend(compile_backend)
-    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    compiled = torch.compile(fn, fullgraph=True, backend=counter, dynamic=dynamic)
     for T in token_counts:
         inputs = _inputs(T, seed=T)
         for got, want in zip(
             _outputs_and_grads(compiled, inputs), _outputs_and_grads(fn, inputs), strict=True
         ):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # the first call compiles for static shapes, the second recompiles with T dynamic, then none
-    assert counter.frame_count <= 2
+    return counter.frame_count
 
 
 @pytest.mark.parametrize("fn", [_mlp, _matmul])
 def test_fullgraph_compile_matches_eager(fn):
-    _check_against_eager(fn, "aot_eager")
+    # the first call compiles for static shapes, the second recompiles with T dynamic, then none
+    assert _check_against_eager(fn, "aot_eager") <= 2
 
 
 def _gated_matmul(x, w1, w2, idx, gates):
@@ -69,7 +69,8 @@ def _gated_matmul(x, w1, w2, idx, gates):
 
 
 def test_inductor_compile_matches_eager():
-    _check_against_eager(_gated_matmul, "inductor", token_counts=(7, 11))
+    """One compilation (dynamic shapes from the start; inductor is slow to compile on 2 cores)."""
+    assert _check_against_eager(_gated_matmul, "inductor", token_counts=(7, 11), dynamic=True) == 1
 
 
 @pytest.mark.parametrize("fn", [_mlp, _matmul])

@@ -6,6 +6,8 @@ custom op (moe_kernels::expert_matmul, ::expert_mlp, ::sort_by_expert; the exper
 ::*_backward ops), so torch.compile traces it whole; moe_kernels.testing records host reads.
 """
 
+import importlib.metadata
+
 import torch
 
 from moe_kernels.expert_matmul.naive import expert_matmul_naive, expert_mlp_naive
@@ -51,6 +53,8 @@ def expert_mlp(
     check_mlp(x, w1, w2, idx, gates, activation, backend)
     return expert_mlp_op(x, w1, w2, idx, gates, activation, backend)[0]
 
+
+__version__ = importlib.metadata.version("moe-kernels")
 
 __all__ = [
     "Routing",

@@ -104,7 +104,7 @@ class HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == NAMESPACE:
             with self:
-                return BODIES[func._opname](*args, **kwargs)
+                return BODIES[func.name().removeprefix(f"{NAMESPACE}::")](*args, **kwargs)
         if reads_host(func, args, kwargs):
             self.ops.append(str(func))
         return func(*args, **kwargs)

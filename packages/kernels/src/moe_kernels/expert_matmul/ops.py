@@ -24,6 +24,8 @@ matmuls, gates weight the sorted rows, and only the final outputs (and the input
 summed back into token order.
 """
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -37,13 +39,16 @@ from moe_kernels.routing.validate import check_idx_values
 
 BACKENDS = ("auto", "torch", "torch_grouped", "torch_padded", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton is optional (CUDA builds of torch bring it); without it 'auto' stays on the torch backend
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def uses_triton(backend: str, like: Tensor) -> bool:
-    """'auto': Triton for CUDA tensors in fp32/fp16/bf16, the torch backend otherwise (the CPU and
-    fp64). 'triton' forces the kernels, e.g. on CPU tensors under TRITON_INTERPRET=1."""
+    """'auto': Triton for CUDA tensors in fp32/fp16/bf16 when Triton is installed, the torch
+    backend otherwise (the CPU and fp64). 'triton' forces the kernels, e.g. on CPU tensors under
+    TRITON_INTERPRET=1."""
     return backend == "triton" or (
-        backend == "auto" and like.is_cuda and like.dtype in _TRITON_DTYPES
+        backend == "auto" and HAS_TRITON and like.is_cuda and like.dtype in _TRITON_DTYPES
     )
 
 

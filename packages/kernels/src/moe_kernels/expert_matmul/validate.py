@@ -7,7 +7,7 @@ under torch.compile; the ids themselves are checked inside the ops (routing.vali
 import torch
 
 from moe_kernels.expert_matmul.activations import ACTIVATIONS
-from moe_kernels.expert_matmul.ops import BACKENDS
+from moe_kernels.expert_matmul.ops import BACKENDS, HAS_TRITON
 from moe_kernels.routing.validate import check_idx
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,6 +53,8 @@ def check_matmul(x, w, idx, gates, backend) -> None:
         _same_kind("gates", gates, "x", x)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError("backend='triton' needs Triton: pip install 'moe-kernels[triton]'")
 
 
 def check_mlp(x, w1, w2, idx, gates, activation, backend) -> None:
