@@ -17,11 +17,11 @@ import sys
 import moe_data
 import torch
 
-from moe_train.commands import evaluate, finetune, info, prime, train
+from moe_train.commands import compare, evaluate, finetune, info, prime, train
 from moe_train.errors import CLIError
 
 EXIT_USAGE = 2
-COMMANDS = (train, evaluate, prime, finetune, info)
+COMMANDS = (train, evaluate, prime, finetune, compare, info)
 
 
 class Parser(argparse.ArgumentParser):
