@@ -91,17 +91,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Writer:
+    """A file that remembers the OSError of a failed write: torch.save may report one as a
+    RuntimeError of its own, without the cause (disk full, quota)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_save(payload: dict, path: Path) -> None:
     """torch.save `payload` to `path` so that readers only ever see a complete file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+    except OSError as e:
+        raise CLIError(f"cannot write checkpoint {path} ({e.strerror or e})") from None
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _Writer(f)
+            torch.save(payload, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
+    except (OSError, RuntimeError) as e:
+        Path(tmp_name).unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else writer and writer.error
+        if cause is None:
+            raise
+        raise CLIError(
+            f"cannot write checkpoint {path} ({cause.strerror or cause}); "
+            "the earlier checkpoints are intact"
+        ) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -120,8 +153,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
+        raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CLIError(f"{path} is not a moe-train checkpoint")
     if payload.get("version") != VERSION:
@@ -133,6 +165,55 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise CLIError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     payload["path"] = str(path)
     return payload
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an exception's message, whole (torch's go on for paragraphs)."""
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def load_newest(run_or_ckpt_dir: str | Path, on_skip=None) -> dict | None:
+    """The newest step checkpoint of a run that loads (None: there is none at all).
+
+    A newer one that does not load (truncated, corrupt) is passed over: `on_skip(path, message)`
+    is called for it. When none loads, the newest one's error is raised.
+    """
+    d = Path(run_or_ckpt_dir)
+    if (d / "checkpoints").is_dir():
+        d = d / "checkpoints"
+    files = [path for _, path in reversed(step_files(d))]
+    first_error = None
+    for path in files:
+        try:
+            return load(path)
+        except CLIError as e:
+            first_error = first_error or e
+            if on_skip is not None:
+                on_skip(path, str(e))
+    if first_error is not None:
+        raise CLIError(f"no checkpoint in {d} loads; the newest: {first_error}")
+    return None
+
+
+def describe_mismatch(model: torch.nn.Module, state: dict) -> str:
+    """What differs between `model`'s state dict and `state`: missing, unexpected and
+    differently shaped entries, the first of each named."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if items:
+            more = f" and {len(items) - 1} more" if len(items) > 1 else ""
+            label = {"shape": "different shape"}.get(what, what)
+            parts.append(f"{len(items)} {label} ({items[0]}{more})")
+    return "; ".join(parts) or "the entries match but do not load"
 
 
 def step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:

@@ -1,8 +1,11 @@
 """`moe-train`: train, evaluate, prime and fine-tune the MoE language models of moe-models.
 
-Every user mistake (unknown preset, option or override; missing or corrupt data; unreadable or
-incompatible checkpoint; absent device) ends as one `error: ...` line on stderr and exit code 2.
-Set MOE_TRAIN_DEBUG=1 to get the traceback instead.
+Every user mistake (unknown preset, option or override; an option out of range; missing or
+corrupt data; unreadable or incompatible checkpoint; a file system error; absent device or too
+little memory) ends as one `error: ...` line on stderr and exit code 2: commands raise CLIError
+(or moe_data.DataError) where they read and check their input. Any other exception is a bug: its
+traceback is printed and the exit code is 1. Set MOE_TRAIN_DEBUG=1 to get the traceback of a user
+error too.
 
 Each subcommand is a module of `moe_train.commands` with `NAME`, `HELP`, `add_arguments(parser)`
 and `run(args) -> exit code`; `COMMANDS` lists them in the order `--help` shows.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 import moe_data
 import torch
@@ -21,6 +25,7 @@ from moe_train.commands import compare, evaluate, finetune, info, prime, train
 from moe_train.errors import CLIError
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
 COMMANDS = (train, evaluate, prime, finetune, compare, info)
 
 
@@ -53,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         args.command = argv[0]
         run = {command.NAME: command.run for command in COMMANDS}[args.command]
         return run(args)
-    except CLIError as e:
-        if os.environ.get("MOE_TRAIN_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (moe_data.DataError, ValueError, torch.cuda.OutOfMemoryError) as e:
+    except (CLIError, moe_data.DataError, OSError, torch.cuda.OutOfMemoryError) as e:
+        # what the user can fix: config, data, checkpoint, file system, memory
         if os.environ.get("MOE_TRAIN_DEBUG"):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -67,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # anything else is a bug in moe-train or a library under it: the traceback is the report
+        if os.environ.get("MOE_TRAIN_DEBUG"):
+            raise
+        traceback.print_exc()
+        print("error: internal error (a bug); the traceback above says where", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

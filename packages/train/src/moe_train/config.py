@@ -13,8 +13,10 @@ moe_models config dataclass) and a `TrainConfig`. It is resolved in this order, 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -41,8 +43,10 @@ class TrainConfig:
     model's `seq_len` (the XL unroll, the decoder's context), set like any model field.
     eval_batches caps the evaluations during training, final_eval_batches the one at the end
     (0: the whole validation split). expert_parallel shards the experts of every routed layer over
-    the ranks of a torchrun run (moe_layers.ExpertParallel; a no-op on one process). Defaults are sized so that
-    `moe-train train` on the tiny σ-MoE preset finishes in a few minutes on two CPU cores.
+    the ranks of a torchrun run (moe_layers.ExpertParallel; a no-op on one process).
+    skip_memory_check turns off the memory preflight (moe_train.memory), for when its estimate
+    is known to be too pessimistic. Defaults are sized so that `moe-train train` on the tiny
+    σ-MoE preset finishes in a few minutes on two CPU cores.
     """
 
     max_steps: int = 1000
@@ -68,24 +72,31 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     expert_parallel: bool = False
+    skip_memory_check: bool = False
 
     def validate(self) -> None:
-        positive = (
+        """Raise a CLIError naming the first option whose value is out of range or not finite."""
+        positive_ints = (
             "max_steps",
             "batch_size",
             "eval_batch_size",
             "grad_accum",
-            "lr",
             "log_interval",
+            "eval_interval",
+            "routing_interval",
+            "save_interval",
+            "keep_last",
         )
-        positive += ("eval_interval", "routing_interval", "save_interval", "keep_last")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise CLIError(f"train.{name} must be positive, got {getattr(self, name)!r}")
-        non_negative = ("warmup_steps", "eval_batches", "final_eval_batches", "weight_decay")
-        for name in (*non_negative, "grad_clip", "min_lr_ratio"):
-            if getattr(self, name) < 0:
-                raise CLIError(f"train.{name} must not be negative, got {getattr(self, name)!r}")
+        for name in positive_ints:
+            _check(self, name, lambda v: v > 0, "a positive integer")
+        for name in ("warmup_steps", "eval_batches", "final_eval_batches", "seed"):
+            _check(self, name, lambda v: v >= 0, "an integer >= 0")
+        _check(self, "lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+        for name in ("weight_decay", "grad_clip"):
+            _check(self, name, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+        _check(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+        for name in ("beta1", "beta2"):
+            _check(self, name, lambda v: 0 <= v < 1, "in [0, 1)")
         if self.schedule not in SCHEDULES:
             raise CLIError(
                 f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
@@ -94,6 +105,22 @@ class TrainConfig:
             raise CLIError(
                 f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+
+    def notes(self) -> list[str]:
+        """Settings that are allowed but probably not what was meant."""
+        if self.warmup_steps > self.max_steps:
+            return [
+                f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}: "
+                "the learning rate never reaches train.lr"
+            ]
+        return []
+
+
+def _check(cfg: TrainConfig, name: str, ok, requirement: str) -> None:
+    value = getattr(cfg, name)
+    # NaN fails every comparison, so `ok` rejects it too
+    if not ok(value):
+        raise CLIError(f"train.{name} must be {requirement}, got {value!r}")
 
 
 @dataclass
@@ -249,3 +276,26 @@ def resolve(
     train.validate()
     spec = data if data is not None else file.get("data")
     return RunConfig(preset=name, data=spec, model=model_cfg, train=train, plugins=specs)
+
+
+def _argument_type(name: str, parse, ok, requirement: str):
+    """An argparse `type=`: argparse puts the option's name before the message."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
+positive_int = _argument_type("positive_int", int, lambda v: v > 0, "a positive integer")
+non_negative_int = _argument_type("non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _argument_type(
+    "positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
+)

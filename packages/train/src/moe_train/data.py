@@ -15,6 +15,18 @@ def load_corpus(spec: str | None):
         raise CLIError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
 
 
+def check_eval_split(tokens, name: str, batch_size: int, seq_len: int, rank: int, world_size: int):
+    """A CLIError naming the split when it cannot give one evaluation batch (found before
+    training, not at the first evaluation)."""
+    try:
+        moe_data.XLBatcher(tokens, batch_size, seq_len, rank=rank, world_size=world_size)
+    except ValueError as e:
+        raise CLIError(
+            f"the {name} split ({len(tokens)} tokens) is too short to evaluate batches of "
+            f"{batch_size} x seq_len {seq_len} on {world_size} rank(s) (train.eval_batch_size): {e}"
+        ) from None
+
+
 class Batches:
     """One rank's training batches, as int64 tensors on `device`.
 
@@ -27,14 +39,20 @@ class Batches:
     def __init__(self, tokens, batch_size, seq_len, *, streams, seed, rank, world_size, device):
         self.streams = streams
         self.device = device
-        if streams:
-            self.batcher = moe_data.XLBatcher(
-                tokens, batch_size, seq_len, rank=rank, world_size=world_size
-            )
-        else:
-            self.batcher = moe_data.RandomWindowBatcher(
-                tokens, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size
-            )
+        try:
+            if streams:
+                self.batcher = moe_data.XLBatcher(
+                    tokens, batch_size, seq_len, rank=rank, world_size=world_size
+                )
+            else:
+                self.batcher = moe_data.RandomWindowBatcher(
+                    tokens, batch_size, seq_len, seed=seed, rank=rank, world_size=world_size
+                )
+        except ValueError as e:
+            raise CLIError(
+                f"the train split ({len(tokens)} tokens) cannot give batches of {batch_size} "
+                f"x seq_len {seq_len} on {world_size} rank(s): {e}"
+            ) from None
         self._it = None
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:

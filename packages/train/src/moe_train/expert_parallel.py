@@ -9,6 +9,8 @@ ExpertParallel layers in the model every helper does what plain PyTorch does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from moe_layers import ExpertParallel, RoutedMoE
@@ -107,14 +109,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sta
     optimizer.load_state_dict({**state, "state": sharded})
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> None:
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over the whole model: with expert shards, their squared
     norms are summed over the ranks (each holds other experts) while the dense gradients, equal on
-    every rank after DDP, count once; so every rank scales by the same, single-process factor."""
+    every rank after DDP, count once; so every rank scales by the same, single-process factor.
+    Returns the total norm before clipping (a device tensor); max_norm=inf only measures it."""
     shards = _expert_shards(model)
     if not shards:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        return
+        if math.isfinite(max_norm):
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None]
+        )
     dense = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in shards]
     experts = [p.grad for p in model.parameters() if p.grad is not None and id(p) in shards]
     device = next(model.parameters()).device
@@ -122,6 +128,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> None:
     dist.all_reduce(expert_sq)
     dense_sq = sum((g.float().pow(2).sum() for g in dense), torch.zeros((), device=device))
     total = (dense_sq + expert_sq).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in dense + experts:
-        g.mul_(coef.to(g.dtype))
+    if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in dense + experts:
+            g.mul_(coef.to(g.dtype))
+    return total

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from moe_train.errors import CLIError
+
 BITS_LEVELS = ("char", "byte")
 
 
@@ -55,6 +57,19 @@ class RoutingAccumulator:
             self.tokens[name] = self.tokens.get(name, 0) + int(s.n_tokens)
             self.passes[name] = self.passes.get(name, 0) + 1
 
+    def state_dict(self) -> dict:
+        """The window so far (for a checkpoint: a resumed run completes the same window)."""
+        return {
+            "sums": {name: t.cpu() for name, t in self.sums.items()},
+            "tokens": dict(self.tokens),
+            "passes": dict(self.passes),
+        }
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.sums = {name: t.to(device) for name, t in state["sums"].items()}
+        self.tokens = {name: int(n) for name, n in state["tokens"].items()}
+        self.passes = {name: int(n) for name, n in state["passes"].items()}
+
     def summary(self, reduce_sum=None) -> dict[str, dict]:
         """Per layer: usage share per expert, mean entropy (nats), dropped share, tokens routed.
 
@@ -89,7 +104,8 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run re-logs the steps past its checkpoint)."""
+        """Drop lines logged after `step` (a resumed run re-logs the steps past its checkpoint).
+        The file is replaced whole, so a failed write leaves the old one."""
         if not self.path.exists():
             return
         kept = []
@@ -100,11 +116,20 @@ class MetricsLogger:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        try:
+            tmp.write_text("".join(k + "\n" for k in kept))
+            tmp.replace(self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CLIError(f"cannot rewrite {self.path} ({e.strerror})") from None
 
     def log(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as e:
+            raise CLIError(f"cannot write {self.path} ({e.strerror})") from None
         if self.writer is None:
             return
         step = record.get("step", 0)

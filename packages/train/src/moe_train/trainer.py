@@ -1,14 +1,19 @@
 """The training loop: AdamW, warmup + decay, clipping, accumulation, mixed precision, DDP, expert
 parallelism, carried model state (the XL memory).
 
-`Trainer.__init__` reads top to bottom as the run is put together: the output folder and the
-checkpoint to resume, the data, the model, the optimiser, the batches, the restored state, the DDP
-wrapper and the logger. `run` is the loop; `train_step` one optimiser step. The host reads the
-losses only at logging steps: each step's losses are summed on the device.
+`Trainer.__init__` reads top to bottom as the run is put together: the output folder (created,
+locked, its history checked: moe_train.rundir) and the checkpoint to resume (the newest that
+loads), the data, the memory preflight (moe_train.memory), the model, the optimiser, the batches,
+the restored state, the DDP wrapper and the logger. `run` is the loop; `train_step` one optimiser
+step. The host reads the losses only at logging steps: each step's losses are summed on the
+device, and so is the first step whose loss or gradient norm was not finite (`NonFinite`), read
+at logging and saving steps: such a run stops with an error naming that step before it logs or
+saves anything of it, so every checkpoint holds finite weights.
 
 Checkpoints hold everything a resumed run needs to continue bit-for-bit: model, optimiser,
 scheduler and grad-scaler states, each rank's data position, RNG states and model state (the
-XL memory), the logging window and the best validation loss. The model and optimiser states are
+XL memory), the logging and routing windows and the best validation loss, so that the resumed
+run's metrics.jsonl equals the uninterrupted one's (wall-clock fields aside). The model and optimiser states are
 the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks
 loads on any number of ranks, with or without expert parallelism; data positions, RNG states and
 model states are per rank and are restored exactly when the world size is unchanged (with another
@@ -36,8 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from moe_train import checkpoint as ckpt
+from moe_train import memory, rundir
 from moe_train.config import RunConfig
-from moe_train.data import Batches, load_corpus
+from moe_train.data import Batches, check_eval_split, load_corpus
 from moe_train.distributed import DistEnv, gather_to_all, mean_over_ranks, setup, sum_over_ranks
 from moe_train.errors import CLIError
 from moe_train.evaluate import autocast, evaluate
@@ -71,6 +77,7 @@ class TrainOptions:
     progress: bool = True
     tensorboard: bool = True
     final_eval: bool = True
+    overwrite: bool = False
 
 
 @dataclass
@@ -136,10 +143,10 @@ def _check_resumable(payload: dict, cfg: RunConfig) -> None:
 def load_model_state(model: torch.nn.Module, payload: dict) -> None:
     try:
         model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+    except (RuntimeError, TypeError, AttributeError):
         raise CLIError(
-            f"checkpoint {payload['path']} does not fit this model architecture ({first[:160]})"
+            f"checkpoint {payload['path']} does not fit this model architecture: "
+            f"{ckpt.describe_mismatch(model, payload['model'])}"
         ) from None
 
 
@@ -218,6 +225,28 @@ class Window:
         }
 
 
+class NonFinite:
+    """The first step whose loss or gradient norm was not finite, kept on the device (NONE: no
+    such step) so that no step waits for the host to look."""
+
+    NONE = 2**62
+
+    def __init__(self, device) -> None:
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def update(self, step: int, *values: torch.Tensor) -> None:
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all()
+        self.first = torch.where(finite, self.first, self.first.clamp(max=step))
+
+    def read(self, env: DistEnv) -> int | None:
+        """The first such step on any rank (a host read; a collective when distributed)."""
+        first = self.first.clone()
+        if env.distributed:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        value = int(first)
+        return None if value == self.NONE else value
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, opts: TrainOptions) -> None:
         self.opts = opts
@@ -225,12 +254,25 @@ class Trainer:
         self.micro_batch = self._check_options(cfg.train)
         self.out_dir = Path(opts.out_dir or default_out_dir(cfg.preset, self.env))
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self.lock = rundir.RunLock(self.out_dir)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        self._claim_out_dir()
         payload = self._checkpoint_to_resume()
         self.corpus = load_corpus(cfg.data)
         self.level = self.corpus.level
         self.cfg = with_corpus_vocab(cfg, self.corpus.vocab_size)
         if payload is not None:
             _check_resumable(payload, self.cfg)
+        self._check_eval_split()
+        self._check_memory()
+        if self.opts.overwrite and payload is None:
+            self._clear_history()
         self.model = self._build_model(payload)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.train)
@@ -241,6 +283,7 @@ class Trainer:
         self.best_valid = math.inf
         self.window = Window(self.env.device)
         self.routing = RoutingAccumulator()
+        self.nonfinite = NonFinite(self.env.device)
         if payload is not None:
             self._restore(payload)
         self.ddp = self._wrap_ddp()
@@ -264,18 +307,102 @@ class Trainer:
             )
         return int(micro)
 
+    def _on_every_rank(self, fn):
+        """fn() on rank 0, its CLIError raised on every rank (the others would otherwise wait
+        for rank 0 at the next collective forever)."""
+        error, result = None, None
+        if self.env.is_main:
+            try:
+                result = fn()
+            except CLIError as e:
+                error = str(e)
+        if self.env.distributed:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise CLIError(error)
+        return result
+
+    def _claim_out_dir(self) -> None:
+        """Create and lock the run folder; refuse a fresh run into another run's history."""
+
+        def claim():
+            rundir.prepare(self.out_dir)
+            note = self.lock.acquire()
+            if note:
+                print(note, file=sys.stderr)
+            found = rundir.history(self.out_dir)
+            if found and not (self.opts.resume or self.opts.overwrite):
+                raise CLIError(
+                    f"{self.out_dir} already holds a run ({', '.join(found)}); pass --resume to "
+                    "continue it, --overwrite to replace it, or choose another --out"
+                )
+
+        self._on_every_rank(claim)
+
+    def _clear_history(self) -> None:
+        def clear():
+            found = rundir.clear_history(self.out_dir)
+            if found:
+                print(
+                    f"note: --overwrite: deleted the earlier run's {', '.join(found)} in "
+                    f"{self.out_dir}",
+                    file=sys.stderr,
+                )
+
+        self._on_every_rank(clear)
+
     def _checkpoint_to_resume(self) -> dict | None:
-        if self.opts.resume:
-            latest = ckpt.latest(self.out_dir)
-            if latest is None:
-                raise CLIError(f"--resume: no checkpoint in {self.ckpt_dir} to resume from")
-            return ckpt.load(latest)
-        if ckpt.latest(self.out_dir) is not None:
-            raise CLIError(
-                f"{self.out_dir} already holds a run; pass --resume to continue it or choose "
-                "another --out"
+        """The newest checkpoint that loads; newer ones that do not are renamed out of the way
+        (`NAME.unreadable`), so that neither this run's pruning nor `eval` takes them for the
+        latest."""
+        if not self.opts.resume:
+            return None
+
+        def skip(path: Path, reason: str) -> None:
+            if not self.env.is_main:
+                return
+            aside = path.with_name(path.name + ".unreadable")
+            try:
+                path.replace(aside)
+                where = f"; renamed to {aside.name}"
+            except OSError:
+                where = ""
+            print(f"note: --resume skips {path}: {reason}{where}", file=sys.stderr)
+
+        payload = ckpt.load_newest(self.out_dir, on_skip=skip)
+        if payload is None:
+            raise CLIError(f"--resume: no checkpoint in {self.ckpt_dir} to resume from")
+        return payload
+
+    def _check_eval_split(self) -> None:
+        env = self.env
+        check_eval_split(
+            self.corpus.valid,
+            "valid",
+            self._eval_batch_size(),
+            self.cfg.model.seq_len,
+            env.rank,
+            env.world_size,
+        )
+
+    def _check_memory(self) -> None:
+        shards = self.env.world_size if self.expert_parallel else 1
+        error = None
+        try:
+            memory.preflight(
+                self.cfg.model, self.cfg.train, self.micro_batch, self.env.device, shards
             )
-        return None
+        except CLIError as e:
+            error = str(e)
+        # each rank checks its own device; all stop if one cannot fit
+        errors = [e for e in gather_to_all(error, self.env) if e is not None]
+        if errors:
+            raise CLIError(errors[0])
+
+    def _eval_batch_size(self) -> int:
+        return max(self.cfg.train.eval_batch_size // self.env.world_size, 1)
 
     def _build_model(self, payload: dict | None) -> torch.nn.Module:
         torch.manual_seed(self.cfg.train.seed)
@@ -320,8 +447,12 @@ class Trainer:
             logger.truncate_after(self.step)
         path = self.out_dir / "config.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CLIError(f"cannot write {path} ({e.strerror})") from None
         return logger
 
     def _restore(self, payload: dict) -> None:
@@ -342,6 +473,9 @@ class Trainer:
         self.step = int(payload["step"])
         self.best_valid = float(payload["best_valid"])
         self.window.load_state_dict(payload["window"])
+        if "routing" in payload and self.env.is_main:
+            # the window summed over the ranks that wrote it: rank 0 carries it on alone
+            self.routing.load_state_dict(payload["routing"], self.env.device)
         same_world = payload["world_size"] == self.env.world_size
         r = self.env.rank if same_world else 0
         self.batches.load_state_dict(ckpt.from_plain(payload["data"][r]))
@@ -368,6 +502,7 @@ class Trainer:
             },
             self.env,
         )
+        routing = self._routing_window_state()
         if not self.env.is_main:
             return None
         return {
@@ -381,13 +516,43 @@ class Trainer:
             "step": self.step,
             "best_valid": self.best_valid,
             "window": self.window.state_dict(),
+            "routing": routing,
             "world_size": self.env.world_size,
             "data": [p["data"] for p in per_rank],
             "rng": [p["rng"] for p in per_rank],
             "state": [p["state"] for p in per_rank],
         }
 
+    def _routing_window_state(self) -> dict:
+        """The routing window summed over the ranks (rank 0's state then stands for all: the
+        summary sums over ranks, so a resumed run on any number of ranks logs the same)."""
+        state = self.routing.state_dict()
+        if not self.env.distributed:
+            return state
+        gathered = gather_to_all(state, self.env)
+        total = RoutingAccumulator()
+        for part in gathered:
+            for name, row in part["sums"].items():
+                total.sums[name] = total.sums[name] + row if name in total.sums else row
+                total.tokens[name] = total.tokens.get(name, 0) + part["tokens"][name]
+                total.passes[name] = total.passes.get(name, 0) + part["passes"][name]
+        return total.state_dict() if self.env.is_main else state
+
+    def check_finite(self) -> None:
+        """Stop the run when a step since the start had a non-finite loss or gradient norm."""
+        bad = self.nonfinite.read(self.env)
+        if bad is None:
+            return
+        good = ckpt.latest(self.out_dir)
+        kept = f"the last checkpoint, {good}, is intact" if good else "no checkpoint was written"
+        raise CLIError(
+            f"training diverged: the loss or gradient norm is not finite at step {bad} "
+            f"(stopped at step {self.step}, nothing of it saved; {kept}); try a lower train.lr "
+            "or train.grad_clip"
+        )
+
     def save(self, is_best: bool = False) -> None:
+        self.check_finite()
         payload = self._payload()
         if payload is not None:
             ckpt.CheckpointManager(self.ckpt_dir, self.cfg.train.keep_last).save(
@@ -425,7 +590,11 @@ class Trainer:
             self.routing.add(stats)
         if train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            clip_grad_norm_(self.model, train.grad_clip)
+        grad_norm = clip_grad_norm_(self.model, train.grad_clip or math.inf)
+        losses = [lm_sum, *aux_sums.values()]
+        # fp16: the grad scaler skips the steps whose gradients overflowed, which is no error
+        watched = losses if self.scaler.is_enabled() else [*losses, grad_norm]
+        self.nonfinite.update(self.step + 1, *watched)
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -434,26 +603,31 @@ class Trainer:
         return lm_sum, aux_sums
 
     def validate(self, max_batches: int) -> float:
-        train = self.cfg.train
-        return evaluate(
+        loss = evaluate(
             self.model,
             self.corpus.valid,
-            batch_size=max(train.eval_batch_size // self.env.world_size, 1),
+            batch_size=self._eval_batch_size(),
             seq_len=self.cfg.model.seq_len,
             env=self.env,
-            precision=train.precision,
+            precision=self.cfg.train.precision,
             max_batches=max_batches,
         )
+        if not math.isfinite(loss):
+            raise CLIError(
+                f"training diverged: the validation loss at step {self.step} is {loss}; "
+                f"the last checkpoint is {ckpt.latest(self.out_dir)}"
+            )
+        return loss
 
-    def _log_window(self, elapsed: float, bar) -> None:
+    def _log_window(self, steps_timed: int, elapsed: float, bar) -> None:
+        self.check_finite()
         lm, aux = self.window.means(self.env)
-        n = self.window.steps
         record = {"step": self.step, **level_metrics("train", lm, self.level)}
         record["aux_loss"] = sum(aux.values())
         record.update({f"aux/{name}": value for name, value in aux.items()})
         record["lr"] = self.last_lr
         tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
-        record["tokens_per_s"] = n * tokens_per_step / max(elapsed, 1e-9)
+        record["tokens_per_s"] = steps_timed * tokens_per_step / max(elapsed, 1e-9)
         unit = "bpc" if uses_bpc(self.level) else "ppl"
         bar.set_postfix(
             loss=f"{record['train_loss']:.3f}",
@@ -464,6 +638,18 @@ class Trainer:
         self.window = Window(self.env.device)
 
     def run(self) -> TrainResult:
+        try:
+            return self._loop()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Flush the logs and unlock the run folder (also after an error)."""
+        if self.logger is not None:
+            self.logger.close()
+        self.lock.release()
+
+    def _loop(self) -> TrainResult:
         train, env = self.cfg.train, self.env
         end = (
             train.max_steps
@@ -478,6 +664,9 @@ class Trainer:
                 f"out: {self.out_dir}",
                 flush=True,
             )
+            if self.step == 0:
+                for note in train.notes():
+                    print(f"note: {note}", file=sys.stderr)
         bar = tqdm(
             total=train.max_steps,
             initial=self.step,
@@ -489,16 +678,19 @@ class Trainer:
         self.model.train()
         interrupted = False
         last_valid = None
-        window_start = time.perf_counter()
+        window_start, steps_timed = time.perf_counter(), 0
         with _StopFlag() as stop:
             while self.step < end:
                 lm, aux = self.train_step()
                 self.step += 1
+                steps_timed += 1
                 self.window.add(lm, aux)
                 bar.update(1)
-                if self.step % train.log_interval == 0 or self.step == end:
-                    self._log_window(time.perf_counter() - window_start, bar)
-                    window_start = time.perf_counter()
+                # not at a stop: the window goes into the checkpoint and the resumed run logs it
+                # where the uninterrupted run does
+                if self.step % train.log_interval == 0 or self.step == train.max_steps:
+                    self._log_window(steps_timed, time.perf_counter() - window_start, bar)
+                    window_start, steps_timed = time.perf_counter(), 0
                 if self.step % train.routing_interval == 0 and self.routing.sums:
                     summary = self.routing.summary(
                         reduce_sum=lambda v: sum_over_ranks(v, env) if env.distributed else v
@@ -526,8 +718,6 @@ class Trainer:
             self._log(
                 {"step": self.step, **level_metrics("valid", last_valid, self.level), "final": True}
             )
-        if self.logger is not None:
-            self.logger.close()
         return TrainResult(self.out_dir, self.step, self.level, last_valid, interrupted)
 
     def _should_stop(self, stop: _StopFlag) -> bool:

@@ -15,6 +15,7 @@ from moe_train.config import (
     RunConfig,
     TrainConfig,
     apply_train_overrides,
+    positive_int,
     resolve,
     split_overrides,
 )
@@ -34,8 +35,13 @@ configuration, later wins:
 training fields: {", ".join(f.name for f in TrainConfig.__dataclass_fields__.values())}
 
 writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ (TensorBoard) and DIR/checkpoints/
-(the last train.keep_last step-N.pt and best.pt). --resume continues DIR's latest checkpoint
-exactly; only training fields (e.g. --max-steps) may change on resume.
+(the last train.keep_last step-N.pt and best.pt); DIR/.lock keeps a second run out while it runs.
+A fresh run into a DIR holding another run's history is refused: --resume continues DIR's newest
+checkpoint that loads, exactly (only training fields, e.g. --max-steps, may change on resume);
+--overwrite deletes that history first.
+before building the model the run's memory is estimated (weights, gradients, AdamW moments,
+activations) and refused when the device cannot hold it; train.skip_memory_check=true skips that.
+exit codes: 0 done (or stopped, resumable), 2 a user error (one `error:` line), 1 a bug.
 layers of your own: --plugin FILE.py (or a module) that calls moe_models.register_ffn(NAME, Config),
 then ffn=NAME; the run records the plugin, so eval and --resume find it again.
 distributed: torchrun --nproc_per_node N -m moe_train.cli train ... (gloo on CPU, nccl on CUDA;
@@ -72,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="KIND:PATH (wikitext:, enwik8:, text:, bytes:, bpe:); default: built-in corpus",
     )
     add_plugin_flag(p)
+    # ranges are checked with the rest of the config, by the field's name (train.max_steps)
     types = {"lr": float, "device": str}
     for name, helptext in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=types.get(name, int), help=helptext)
@@ -86,9 +93,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="shard the experts over the torchrun ranks (= train.expert_parallel=true)",
     )
     p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
     p.add_argument(
-        "--stop-at", type=int, help="stop (and checkpoint) after this step, as if interrupted"
+        "--resume",
+        action="store_true",
+        help="continue the newest checkpoint in --out that loads",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run history in --out (config.json, metrics.jsonl, checkpoints/, tb/) "
+        "and start afresh",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=positive_int,
+        help="stop (and checkpoint) after this step, as if interrupted",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
@@ -109,10 +128,11 @@ def model_flags(args) -> dict:
 
 def resume_config(args, out_dir: Path) -> RunConfig:
     """The checkpoint's own config; only training fields may be changed for the continuation."""
-    latest = ckpt.latest(out_dir)
-    if latest is None:
+    # the trainer loads it again and says which newer files it skipped
+    payload = ckpt.load_newest(out_dir)
+    if payload is None:
         raise CLIError(f"--resume: no checkpoint in {out_dir / 'checkpoints'} to resume from")
-    payload = ckpt.load(latest)
+    latest = payload["path"]
     saved = RunConfig.from_dict(payload["run_config"])
     if args.preset and args.preset != saved.preset:
         try:
@@ -141,6 +161,8 @@ def run(args) -> int:
     from moe_train.trainer import TrainOptions, train
 
     plugins(args)
+    if args.resume and args.overwrite:
+        raise CLIError("--resume continues the run in --out, --overwrite deletes it: pass one")
     if args.resume:
         if not args.out:
             raise CLIError("--resume needs --out DIR (the run to continue)")
@@ -155,11 +177,10 @@ def run(args) -> int:
             model_flags=model_flags(args),
             overrides=args.overrides,
         )
-    if args.stop_at is not None and args.stop_at <= 0:
-        raise CLIError(f"--stop-at must be positive, got {args.stop_at}")
     opts = TrainOptions(
         out_dir=Path(args.out) if args.out else None,
         resume=args.resume,
+        overwrite=args.overwrite,
         stop_at=args.stop_at,
         progress=not args.no_progress,
         tensorboard=not args.no_tensorboard,
