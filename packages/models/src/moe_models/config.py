@@ -22,6 +22,7 @@ from moe_models.registry import MODEL_FIELDS, ffn_config_class, ffn_name
 ARCHS = ("transformer_xl", "decoder", "smlp")
 POSITIONS = ("sinusoidal", "learned")
 SMLP_ROUTINGS = ("deterministic", "learned")
+MOE_PLACEMENTS = ("ffn", "standalone")
 # options an FFN given by name or dict takes from the model when it does not set them
 MODEL_DEFAULTS = ("d_ff", "activation")
 
@@ -40,6 +41,11 @@ class ModelConfig:
     moe_interval: layer i uses `ffn` when (i + 1) % moe_interval == 0 and the dense FFN otherwise
         (fairseq's moe_freq); 1 puts `ffn` in every layer. In the sMLP model it places the sparse
         blocks instead; 0 there gives the dense gMLP baseline.
+    moe_placement: where `ffn` goes in the MoE layers: "ffn" (it is the layer's FFN) or
+        "standalone" (fairseq's BASE layers: the layer keeps the dense FFN, and `ffn` follows it
+        as a residual block of its own, x + ffn(x), on the un-normalised residual stream, without
+        LayerNorm or dropout; transformer_xl and decoder). With a BASE layer, expert_norm=True and
+        zero_init_output=True make it fairseq's BASE block, which starts as the identity.
     layer_ffn: {layer index: layer config} overriding the FFN of single layers.
     smlp_*: the sMLP's gMLP hidden size, its sMoE experts (chunks of d_model), their routing and
         the routing prefix's share of the sequence.
@@ -62,6 +68,7 @@ class ModelConfig:
     activation: str = "relu"
     ffn: Any = "dense"
     moe_interval: int = 1
+    moe_placement: str = "ffn"
     layer_ffn: dict[int, Any] = field(default_factory=dict)
     smlp_d_ff: int = 0
     smlp_n_chunks: int = 4
@@ -90,12 +97,18 @@ class ModelConfig:
         return self.moe_interval >= 1 and (i + 1) % self.moe_interval == 0
 
     def layer_ffn_config(self, i: int):
-        """The FFN config of layer i, after `moe_interval` and `layer_ffn`."""
+        """The FFN config of layer i, after `moe_interval`, `moe_placement` and `layer_ffn`."""
         if i in self.layer_ffn:
             return self.layer_ffn[i]
-        if self.is_moe_layer(i):
+        if self.is_moe_layer(i) and self.moe_placement == "ffn":
             return self.ffn
         return self.dense_ffn_config()
+
+    def standalone_config(self, i: int):
+        """The config of layer i's standalone MoE block (after its FFN), or None."""
+        if self.moe_placement == "standalone" and self.is_moe_layer(i):
+            return self.ffn
+        return None
 
     def dense_ffn_config(self):
         return ffn_config("dense", self, where="the dense FFN (d_ff, activation)")
@@ -202,6 +215,11 @@ def _check_model_fields(cfg: ModelConfig) -> None:
     """Raise ValueError naming the first impossible model-level option."""
     _choice("arch", cfg.arch, ARCHS)
     _choice("positions", cfg.positions, POSITIONS)
+    _choice("moe_placement", cfg.moe_placement, MOE_PLACEMENTS)
+    if cfg.moe_placement == "standalone" and cfg.arch not in ("transformer_xl", "decoder"):
+        raise ValueError(
+            f"moe_placement='standalone' needs arch 'transformer_xl' or 'decoder', got {cfg.arch!r}"
+        )
     _positive_int(
         vocab_size=cfg.vocab_size,
         d_model=cfg.d_model,
@@ -251,7 +269,10 @@ def _check_layers(cfg: ModelConfig) -> None:
                 f"layer_ffn names sMLP blocks {gmlp}, which are gMLP blocks without an FFN "
                 f"(moe_interval={cfg.moe_interval} places the sparse blocks)"
             )
-    elif any(not cfg.is_moe_layer(i) and i not in cfg.layer_ffn for i in range(cfg.n_layers)):
+    elif any(
+        (not cfg.is_moe_layer(i) or cfg.moe_placement == "standalone") and i not in cfg.layer_ffn
+        for i in range(cfg.n_layers)
+    ):
         cfg.dense_ffn_config()
 
 

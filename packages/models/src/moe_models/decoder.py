@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from moe_models.common import LanguageModel, ModelOutput, sinusoid_table
 from moe_models.config import ModelConfig
-from moe_models.ffn import FFNBlock
+from moe_models.ffn import FFNBlock, standalone_block
 from moe_models.transformer_xl import init_linear
 
 
@@ -54,11 +54,15 @@ class DecoderLayer(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FFNBlock(cfg, index)
+        self.standalone = standalone_block(cfg, index)
 
     def forward(self, x_BLD, past, token_ids_BL):
         a, kv = self.attn(self.attn_norm(x_BLD), past)
         x_BLD = x_BLD + self.dropout(a)
-        return self.ffn(x_BLD, token_ids_BL), kv
+        x_BLD = self.ffn(x_BLD, token_ids_BL)
+        if self.standalone is not None:
+            x_BLD = self.standalone(x_BLD, token_ids_BL)
+        return x_BLD, kv
 
 
 class DecoderLM(LanguageModel):

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from moe_models.common import LanguageModel, ModelOutput, sinusoid_table
 from moe_models.config import ModelConfig
-from moe_models.ffn import FFNBlock
+from moe_models.ffn import FFNBlock, standalone_block
 
 
 def init_linear(linear: nn.Linear, n_layers: int) -> None:
@@ -103,13 +103,17 @@ class XLLayer(nn.Module):
         self.attn = RelativeAttention(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FFNBlock(cfg, index)
+        self.standalone = standalone_block(cfg, index)
 
     def forward(self, x_BLD, mem_BMD, token_ids_BL):
         h = self.attn_norm(x_BLD)
         # the memory holds layer inputs; normalise it with the same LayerNorm
         m = None if mem_BMD is None else self.attn_norm(mem_BMD)
         x_BLD = x_BLD + self.dropout(self.attn(h, m))
-        return self.ffn(x_BLD, token_ids_BL)
+        x_BLD = self.ffn(x_BLD, token_ids_BL)
+        if self.standalone is not None:
+            x_BLD = self.standalone(x_BLD, token_ids_BL)
+        return x_BLD
 
 
 class TransformerXL(LanguageModel):

@@ -4,7 +4,8 @@ Counts are exact and need no memory for the model (so the 15B-parameter presets 
 model is built on the meta device with stand-ins for its FFNs, whose counts come from each layer
 config's `parameter_count()`. "Active" parameters are those a single token's output depends on:
 all non-FFN parameters, and per FFN what its `parameter_count().active` says (the router plus the
-experts a token is sent to, for PKM the keys plus the selected values, ...).
+experts a token is sent to, for PKM the keys plus the selected values, ...), standalone MoE
+blocks (`moe_placement="standalone"`) included.
 """
 
 from __future__ import annotations
@@ -53,7 +54,15 @@ def _ffn_layers(cfg: ModelConfig) -> list[int]:
 
 
 def _ffn_counts(cfg: ModelConfig, i: int) -> ParameterCount:
-    f = cfg.layer_ffn_config(i)
+    return _layer_counts(cfg.layer_ffn_config(i))
+
+
+def _standalone_counts(cfg: ModelConfig) -> list[ParameterCount]:
+    configs = [cfg.standalone_config(i) for i in range(cfg.n_layers)]
+    return [_layer_counts(f) for f in configs if f is not None]
+
+
+def _layer_counts(f) -> ParameterCount:
     counter = getattr(f, "parameter_count", None)
     if counter is not None:
         return counter()
@@ -64,21 +73,24 @@ def _ffn_counts(cfg: ModelConfig, i: int) -> ParameterCount:
 
 def _total(cfg: ModelConfig) -> int:
     """All parameters: the model built on the meta device with a one-unit dense FFN in every
-    FFN layer (a 512-expert layer is big and slow to initialise even there), those stand-ins'
-    parameters taken out and each layer's own analytic count put in."""
+    FFN layer (a 512-expert layer is big and slow to initialise even there) and no standalone
+    blocks, those stand-ins' parameters taken out and each layer's own analytic count put in."""
     skeleton = _skeleton(cfg)
     total = _n_params(skeleton)
     total -= sum(_n_params(m.ffn) for m in skeleton.modules() if isinstance(m, FFNBlock))
-    return total + sum(_ffn_counts(cfg, i).total for i in _ffn_layers(cfg))
+    total += sum(_ffn_counts(cfg, i).total for i in _ffn_layers(cfg))
+    return total + sum(c.total for c in _standalone_counts(cfg))
 
 
 def _skeleton(cfg: ModelConfig) -> nn.Module:
-    """The model of `cfg` on the meta device with a one-unit dense FFN in every FFN layer."""
+    """The model of `cfg` on the meta device with a one-unit dense FFN in every FFN layer and
+    without standalone MoE blocks."""
     from moe_models.api import build
 
     stand_in = {"type": "dense", "d_ff": 1}
     layer_ffn = dict.fromkeys(_ffn_layers(cfg), stand_in)
-    return _on_meta(lambda: build(dataclasses.replace(cfg, layer_ffn=layer_ffn)))
+    skeleton = dataclasses.replace(cfg, layer_ffn=layer_ffn, moe_placement="ffn")
+    return _on_meta(lambda: build(skeleton))
 
 
 def _as_config(model_or_config) -> ModelConfig:
@@ -94,10 +106,8 @@ def count_parameters(model_or_config) -> dict[str, int]:
     """{"total": every parameter, "active": parameters used per token} (tied ones counted once)."""
     cfg = _as_config(model_or_config)
     total = _n_params(model_or_config) if isinstance(model_or_config, nn.Module) else _total(cfg)
-    inactive = 0
-    for i in _ffn_layers(cfg):
-        counts = _ffn_counts(cfg, i)
-        inactive += counts.total - counts.active
+    counts = [_ffn_counts(cfg, i) for i in _ffn_layers(cfg)] + _standalone_counts(cfg)
+    inactive = sum(c.total - c.active for c in counts)
     return {"total": total, "active": total - inactive}
 
 
@@ -155,18 +165,19 @@ def _dense_size(params: int, d_model: int, bias: bool) -> int:
 def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
     """The dense counterpart of a MoE config: each FFN that is not dense becomes a dense FFN
     (with biases) holding as many parameters as it ("params") or as many active parameters per
-    token ("compute"). Everything else is unchanged."""
+    token ("compute"); a layer's standalone MoE block is taken out and its parameters added to
+    that layer's dense FFN. Everything else is unchanged."""
     if match not in ("params", "compute"):
         raise ValueError(f"match must be 'params' or 'compute', got {match!r}")
     cfg = config
     dense_cls = ffn_config_class("dense")
     twins = {}
     for i in _ffn_layers(cfg):
-        f = cfg.layer_ffn_config(i)
-        if isinstance(f, dense_cls):
+        f, extra = cfg.layer_ffn_config(i), cfg.standalone_config(i)
+        if isinstance(f, dense_cls) and extra is None:
             continue
-        counts = _ffn_counts(cfg, i)
-        size = counts.total if match == "params" else counts.active
+        counts = [_ffn_counts(cfg, i)] + ([] if extra is None else [_layer_counts(extra)])
+        size = sum(c.total if match == "params" else c.active for c in counts)
         twins[i] = {
             "type": "dense",
             "d_ff": _dense_size(size, cfg.d_model, True),
@@ -175,6 +186,7 @@ def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
         }
     if not twins:
         return cfg
+    cfg = dataclasses.replace(cfg, moe_placement="ffn")
     sizes = {t["d_ff"] for t in twins.values()}
     if not cfg.layer_ffn and cfg.moe_interval == 1 and len(sizes) == 1:
         twin = next(iter(twins.values()))
