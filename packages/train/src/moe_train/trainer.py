@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import moe_data
 import moe_models
 import torch
 import torch.distributed as dist
@@ -453,6 +454,12 @@ class Trainer:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise CLIError(f"cannot write {path} ({e.strerror})") from None
+        # the tokenizer travels with the run: the commands that read it never need the corpus
+        tokenizer = self.out_dir / "tokenizer.json"
+        try:
+            moe_data.save_tokenizer(self.corpus.vocab, tokenizer)
+        except OSError as e:
+            raise CLIError(f"cannot write {tokenizer} ({e.strerror})") from None
         return logger
 
     def _restore(self, payload: dict) -> None:
