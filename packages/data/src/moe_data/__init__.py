@@ -8,6 +8,8 @@ Batching: `XLBatcher` (Transformer-XL streams) and `RandomWindowBatcher` (decode
 Priming: `load_tasks`, `build_prompt`, `example_task_path`. No torch here: batches are numpy.
 """
 
+import importlib.metadata
+
 from moe_data.batching import RandomWindowBatcher, XLBatcher
 from moe_data.cache import default_cache_dir
 from moe_data.corpus import LEVELS, Corpus
@@ -32,6 +34,8 @@ from moe_data.vocab import (
     load_tokenizer,
     save_tokenizer,
 )
+
+__version__ = importlib.metadata.version("moe-data")
 
 __all__ = [
     "LEVELS",

@@ -1,5 +1,7 @@
 """moe_layers: Mixture-of-Experts and FFN-approximation layers for PyTorch."""
 
+import importlib.metadata
+
 from moe_layers.base import (
     Experts,
     LayerConfig,
@@ -23,6 +25,8 @@ from moe_layers.sigma_moe import SigmaMoE
 from moe_layers.smlp import CausalSGU, SMoE, TMoE
 from moe_layers.switch import SwitchMoE
 from moe_layers.topk import TopKFFN
+
+__version__ = importlib.metadata.version("moe-layers")
 
 __all__ = [
     "BaseLayer",

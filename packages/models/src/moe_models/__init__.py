@@ -1,12 +1,17 @@
 """moe_models: Transformer-XL, fairseq-style MoE decoder and sparse all-MLP language models."""
 
+import importlib.metadata
+
 from moe_models.api import build, get_config
 from moe_models.common import IGNORE_INDEX, LanguageModel, ModelOutput
 from moe_models.config import ModelConfig, config_from_dict, config_to_dict, ffn_to_dict
 from moe_models.generate import generate, stream
 from moe_models.presets import Preset, preset_info, presets
 from moe_models.registry import ffn_config_class, ffn_name, register_ffn, registered_ffns
+from moe_models.saving import load_pretrained, save_pretrained
 from moe_models.utils import count_parameters, dense_twin, flops_per_token
+
+__version__ = importlib.metadata.version("moe-models")
 
 __all__ = [
     "IGNORE_INDEX",
@@ -25,9 +30,11 @@ __all__ = [
     "flops_per_token",
     "generate",
     "get_config",
+    "load_pretrained",
     "preset_info",
     "presets",
     "register_ffn",
     "registered_ffns",
+    "save_pretrained",
     "stream",
 ]

@@ -1,8 +1,10 @@
 """Autoregressive generation: greedy, or sampling with a temperature, top-k and top-p.
 
-One loop for every architecture: the prompt is read (Transformer-XL in segments of seq_len, so
-each token sees the memory as in training), then each new token is fed with the state of the
-previous call (the XL memory, the decoder's key/value cache, the sMLP's window).
+One loop for every architecture: the prompt is read by `feed` (in segments of seq_len, so that
+Transformer-XL sees the memory as in training and the sMLP its window), then each new token is fed
+with the state of the previous call (the XL memory, the decoder's key/value cache, the sMLP's
+window). The Hugging Face wrapper (moe_models.hf) and the lm-evaluation-harness adapter read text
+through `feed` too, so they see what `generate` sees.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+
+from moe_models.common import ModelOutput
 
 
 def _pick(
@@ -49,6 +53,21 @@ def check_options(max_new_tokens, temperature, top_k, top_p, greedy) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def feed(model: nn.Module, tokens: Tensor, state=None) -> ModelOutput:
+    """Read tokens [B, L] (L >= 1) after `state` (None: `model.init_state()`) in segments of
+    seq_len, each given the state the one before returned. Returns the logits [B, L, V] of all
+    segments and the state after the last one; the other fields are the last segment's."""
+    state = model.init_state() if state is None else state
+    outs = []
+    for segment in tokens.split(model.config.seq_len, dim=1):
+        outs.append(model(segment, state=state))
+        state = outs[-1].state
+    last = outs[-1]
+    if len(outs) > 1:
+        last.logits = torch.cat([o.logits for o in outs], dim=1)
+    return last
+
+
 @torch.no_grad()
 def stream(
     model: nn.Module,
@@ -68,10 +87,8 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        state, out = model.init_state(), None
-        for segment in prompt.split(model.config.seq_len, dim=1):
-            out = model(segment, state=state)
-            state = out.state
+        out = feed(model, prompt)
+        state = out.state
         for step in range(max_new_tokens):
             nxt_B = _pick(out.logits[:, -1], temperature, top_k, top_p, greedy, generator)
             yield nxt_B
