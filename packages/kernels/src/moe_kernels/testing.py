@@ -5,16 +5,21 @@ bool(t), tolist, numpy), ops whose output size depends on the data (nonzero, mas
 unique, boolean-mask indexing, repeat_interleave without output_size), bincount (it reads the
 largest id), and copies from a device to the CPU. Run on CPU tensors, the mode finds in the code
 that would run on CUDA what would synchronise there. tolist and numpy read CPU tensors without
-an aten call, so a torch-function mode beside it records those. It descends into the moe_kernels
+an aten call, so a torch-function mode beside it records those; one_hot with num_classes reads
+only on the CPU and is not counted. It descends into the moe_kernels
 custom ops (a mode sees an op, not the aten ops inside), running their bodies under itself.
 
     with HostReads() as reads:
         loss = model(x).sum()
         loss.backward()
     assert not reads.ops, reads.ops
+
+With into_ops=False the moe_kernels ops are not entered: on CPU tensors a layer's own routing
+code can then be checked while its experts run the CPU fast path.
 """
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -68,23 +73,41 @@ def reads_host(func, args, kwargs) -> bool:
 
 
 class _ValueReads(TorchFunctionMode):
-    def __init__(self, ops: list[str]):
+    """The reads that bypass dispatch (tolist, numpy of CPU tensors), and one_hot with
+    num_classes given: on CUDA it leaves the range check to a device assert, on the CPU it reads
+    min and max, which the dispatch mode must then not count."""
+
+    def __init__(self, owner: "HostReads"):
         super().__init__()
-        self.ops = ops
+        self.owner = owner
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in (torch.Tensor.tolist, torch.Tensor.numpy):
-            self.ops.append(f"Tensor.{func.__name__}")
-        return func(*args, **(kwargs or {}))
+            self.owner.ops.append(f"Tensor.{func.__name__}")
+        num_classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
+        if func is F.one_hot and num_classes >= 0:
+            self.owner.quiet += 1
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.owner.quiet -= 1
+        return func(*args, **kwargs)
 
 
 class HostReads(TorchDispatchMode):
-    """Records in `ops` the name of every call that reads device data on the host."""
+    """Records in `ops` the name of every call that reads device data on the host.
 
-    def __init__(self):
+    into_ops=False treats the moe_kernels ops as opaque: for checking the code around them on CPU
+    tensors, where the ops run their CPU fast path (which reads the host; on CUDA they do not).
+    """
+
+    def __init__(self, into_ops: bool = True):
         super().__init__()
+        self.into_ops = into_ops
         self.ops: list[str] = []
-        self._values = _ValueReads(self.ops)
+        self.quiet = 0  # inside an op that reads on the CPU only
+        self._values = _ValueReads(self)
 
     def __enter__(self):
         self._values.__enter__()
@@ -102,9 +125,9 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == NAMESPACE:
+        if func.namespace == NAMESPACE and self.into_ops:
             with self:
                 return BODIES[func.name().removeprefix(f"{NAMESPACE}::")](*args, **kwargs)
-        if reads_host(func, args, kwargs):
+        if not self.quiet and reads_host(func, args, kwargs):
             self.ops.append(str(func))
         return func(*args, **kwargs)
