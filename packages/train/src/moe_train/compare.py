@@ -270,6 +270,13 @@ def load_sweep(path: str | Path) -> dict:
                 "twins": parse_twins(r["twins"], where) if "twins" in r else default_twins,
             }
         )
+    names = [e["name"] for e in entries]
+    duplicate = sorted({n for n in names if names.count(n) > 1})
+    if duplicate:
+        raise CLIError(
+            f"sweep file {path}: run name(s) {', '.join(duplicate)} given twice; give each "
+            "[[runs]] entry of the same preset its own name"
+        )
     out["entries"] = entries
     return out
 
