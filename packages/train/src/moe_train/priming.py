@@ -23,8 +23,10 @@ def load_task(path: str):
     try:
         return moe_data.load_tasks(path)
     except (moe_data.DataError, OSError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        # moe_data's messages name the file already
         raise CLIError(
-            f"task file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+            message if str(path) in message else f"task file {path}: {message}"
         ) from None
 
 

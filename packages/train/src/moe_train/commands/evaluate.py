@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from moe_train.commands.common import add_plugin_flag, load_for_inference
+from moe_train.config import non_negative_int, positive_int
 from moe_train.errors import CLIError
 
 NAME = "eval"
@@ -17,11 +18,16 @@ def add_arguments(p) -> None:
         "checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)"
     )
     p.add_argument("--data", help="data spec (default: the one the checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument(
-        "--max-batches", type=int, default=0, help="evaluate only N batches per split (0: all)"
+        "--max-batches",
+        type=non_negative_int,
+        default=0,
+        help="evaluate only N batches per split (0: all)",
     )
-    p.add_argument("--seq-len", type=int, help="segment length (default: the training one)")
+    p.add_argument(
+        "--seq-len", type=positive_int, help="segment length (default: the training one)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file for the metrics (default: next to the checkpoint)")
     add_plugin_flag(p)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from moe_train import checkpoint as ckpt
 from moe_train.commands.common import load_for_inference
-from moe_train.commands.prime import add_task_arguments, scoring_options
+from moe_train.commands.prime import add_task_arguments, check_k_shot, scoring_options
+from moe_train.config import positive_float, positive_int
 
 NAME = "finetune"
 HELP = "fine-tune on a task"
@@ -16,9 +17,9 @@ HELP = "fine-tune on a task"
 def add_arguments(p) -> None:
     add_task_arguments(p)
     p.add_argument("--eval-task", help="task JSONL to report accuracy on (default: --task)")
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-steps", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--out", help="run directory for the fine-tuned checkpoint")
 
 
@@ -30,6 +31,7 @@ def run(args) -> int:
     )
     task = load_task(args.task)
     eval_task = load_task(args.eval_task) if args.eval_task else task
+    check_k_shot(args.k_shot, eval_task)
     common = scoring_options(args, cfg, device)
     before = accuracy(model, corpus, eval_task, **common)
     losses = finetune(
