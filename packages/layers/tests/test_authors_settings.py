@@ -335,3 +335,31 @@ def test_entropy_aux_loss_of_a_float64_layer_is_float64(cls):
     assert loss.dtype == torch.float64
     expected = 0.5 * _scipy_negative_entropy(x @ layer.router.gate.detach().t())
     assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+# the new options under bf16 autocast (as `moe-train --precision bf16` runs them)
+
+AUTOCAST_LAYERS = {
+    "pkm-dense-relu": lambda: PKM(32, 8, 2, 8, selection="dense", activation="relu"),
+    "pkm-dense-softmax": lambda: PKM(32, 8, 2, 8, selection="dense"),
+    "base-fairseq": lambda: BaseLayer(32, 4, 16, expert_norm=True),
+    "switch-authors": lambda: SwitchMoE(
+        32, 4, 16, init="expert_size", init_scale=0.1, normalize_gate_rows=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST_LAYERS))
+def test_options_run_under_bf16_autocast(name):
+    torch.manual_seed(0)
+    layer = AUTOCAST_LAYERS[name]().eval()
+    x = torch.randn(3, 8, 32)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    err = (y.float() - ref).abs().mean() / ref.abs().mean()
+    assert err < 0.1, f"{name}: relative error {err:.3g} under bf16 autocast"
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
