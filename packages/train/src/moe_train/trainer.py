@@ -553,9 +553,9 @@ class Trainer:
         good = ckpt.latest(self.out_dir)
         kept = f"the last checkpoint, {good}, is intact" if good else "no checkpoint was written"
         raise CLIError(
-            f"training diverged: the loss or gradient norm is not finite at step {bad} "
-            f"(stopped at step {self.step}, nothing of it saved; {kept}); try a lower train.lr "
-            "or train.grad_clip"
+            f"training diverged: the loss or gradient norm is not finite at step {bad} (found at "
+            f"step {self.step}; nothing from step {bad} on was logged or saved, {kept}); try a "
+            "lower train.lr or train.grad_clip"
         )
 
     def save(self, is_best: bool = False) -> None:

@@ -1,0 +1,426 @@
+"""Bad input, table-driven: every case ends in one `error:` line naming its problem, exit code 2,
+no traceback, and no checkpoint of the shared run lost; library calls raise a one-line ValueError
+naming theirs.
+
+A CLI case is (argv, words the message must contain); `{run}` is a tiny trained run shared by
+every case (its files are compared before and after each case), `{tmp}` a fresh folder,
+`{task}` the shipped example task. Most cases fail before any training.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import moe_data
+import moe_kernels
+import moe_layers
+import moe_models
+import pytest
+import torch
+from moe_train import checkpoint as ckpt
+
+POISON = Path(__file__).with_name("poison_plugin.py")
+TINY = ["d_model=32", "n_layers=1", "n_heads=2", "seq_len=16", "d_ff=64"]
+QUIET = ["--no-progress", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    from moe_train.cli import main
+
+    run = tmp_path_factory.mktemp("shared") / "run"
+    argv = ["train", "--out", str(run), "--max-steps", "4", "--batch-size", "4", *QUIET]
+    argv += ["train.save_interval=2", "train.warmup_steps=2", "train.final_eval_batches=2"]
+    argv += ["train.eval_batch_size=4", *TINY, "n_experts=4", "expert_size=16"]
+    assert main(argv) == 0
+    return run
+
+
+def fingerprint(run: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --- what some cases need on disk ------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def copy_run(run: Path, tmp: Path) -> Path:
+    shutil.copytree(run, tmp / "copy")
+    return tmp / "copy"
+
+
+def truncated_copy(run, tmp):
+    copy = copy_run(run, tmp)
+    for _, path in ckpt.step_files(copy / "checkpoints"):
+        path.write_bytes(path.read_bytes()[:200])
+
+
+def forged_checkpoint(run, tmp):
+    payload = ckpt.load(run)
+    payload["model"] = {k: v[..., :1] for k, v in payload["model"].items()}
+    ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, tmp / "forged.pt")
+
+
+def model_only_checkpoint(run, tmp):
+    payload = ckpt.load(run)
+    keep = {k: payload[k] for k in ("run_config", "model", "step")}
+    ckpt.CheckpointManager(tmp / "exported" / "checkpoints", keep_last=1).save(keep, step=4)
+
+
+def live_lock(run, tmp):
+    holder = {"pid": os.getpid(), "host": socket.gethostname()}
+    write(tmp / "locked" / ".lock", json.dumps(holder))
+
+
+def foreign_lock(run, tmp):
+    write(tmp / "locked" / ".lock", json.dumps({"pid": 1, "host": "another-host.invalid"}))
+
+
+def a_file(run, tmp):
+    write(tmp / "file", "not a folder\n")
+
+
+def tiny_text(run, tmp):
+    write(tmp / "tiny.txt", "abc def\n")
+
+
+def short_valid(run, tmp):
+    folder = tmp / "wt"
+    for split, n in (("train", 3000), ("valid", 5), ("test", 5)):
+        write(folder / f"wiki.{split}.tokens", " ".join(["the cat sat"] * (n // 3 + 1)) + " \n")
+
+
+def byte_text(run, tmp):
+    write(tmp / "bytes.txt", "some text to read as bytes; " * 200)
+
+
+def configs(run, tmp):
+    write(tmp / "bad.toml", "preset = \n")
+    write(tmp / "unknown.json", json.dumps({"optimizer": {}}))
+    write(tmp / "typed.json", json.dumps({"train": {"lr": "fast"}}))
+    write(tmp / "list.json", json.dumps([1, 2]))
+
+
+def tasks(run, tmp):
+    write(tmp / "label.jsonl", '{"context": "a", "choices": ["b"], "label": 3}\n')
+    write(tmp / "empty.jsonl", "")
+    write(tmp / "two.jsonl", '{"context": "a", "choices": ["b", "c"], "label": 0}\n' * 2)
+
+
+CLI_CASES = [
+    # train: names, keys and values the config does not have
+    (["train", "--preset", "no-such-preset"], ["no-such-preset"]),
+    (["train", "--frobnicate"], ["--frobnicate"]),
+    (["train", "no_such_field=3"], ["no_such_field"]),
+    (["train", "train.no_such_option=3"], ["train.no_such_option"]),
+    (["train", "d_model"], ["d_model", "KEY=VALUE"]),
+    (["train", "train.max_steps=many"], ["train.max_steps", "many"]),
+    (["train", "train.max_steps=1.5"], ["train.max_steps"]),
+    (["train", "--max-steps", "1e3"], ["--max-steps", "1e3"]),
+    (["train", "train.schedule=wavy"], ["train.schedule", "wavy"]),
+    (["train", "--precision", "fp8"], ["--precision", "fp8"]),
+    (["train", "train.skip_memory_check=maybe"], ["train.skip_memory_check"]),
+    # train: numbers out of range or not finite
+    (["train", "--max-steps", "0"], ["train.max_steps", "0"]),
+    (["train", "--max-steps", "-5"], ["train.max_steps", "-5"]),
+    (["train", "--lr", "inf"], ["train.lr", "inf"]),
+    (["train", "--lr", "nan"], ["train.lr", "nan"]),
+    (["train", "train.lr=-1e-3"], ["train.lr", "-0.001"]),
+    (["train", "train.lr=0"], ["train.lr", "0"]),
+    (["train", "train.grad_clip=nan"], ["train.grad_clip", "nan"]),
+    (["train", "train.grad_clip=-1"], ["train.grad_clip", "-1"]),
+    (["train", "train.min_lr_ratio=5"], ["train.min_lr_ratio", "[0, 1]", "5"]),
+    (["train", "train.min_lr_ratio=-0.1"], ["train.min_lr_ratio", "-0.1"]),
+    (["train", "train.min_lr_ratio=nan"], ["train.min_lr_ratio", "nan"]),
+    (["train", "train.beta1=1"], ["train.beta1", "[0, 1)", "1"]),
+    (["train", "train.beta2=1.5"], ["train.beta2", "1.5"]),
+    (["train", "train.beta1=-0.1"], ["train.beta1", "-0.1"]),
+    (["train", "train.beta2=nan"], ["train.beta2", "nan"]),
+    (["train", "train.weight_decay=-0.01"], ["train.weight_decay", "-0.01"]),
+    (["train", "train.weight_decay=inf"], ["train.weight_decay", "inf"]),
+    (["train", "--warmup-steps", "-1"], ["train.warmup_steps", "-1"]),
+    (["train", "--batch-size", "0"], ["train.batch_size", "0"]),
+    (["train", "--grad-accum", "0"], ["train.grad_accum", "0"]),
+    (["train", "--batch-size", "6", "--grad-accum", "4"], ["train.batch_size=6", "grad_accum"]),
+    (["train", "--eval-interval", "0"], ["train.eval_interval", "0"]),
+    (["train", "--log-interval", "-2"], ["train.log_interval", "-2"]),
+    (["train", "train.save_interval=0"], ["train.save_interval", "0"]),
+    (["train", "train.keep_last=0"], ["train.keep_last", "0"]),
+    (["train", "train.eval_batches=-1"], ["train.eval_batches", "-1"]),
+    (["train", "train.final_eval_batches=-3"], ["train.final_eval_batches", "-3"]),
+    (["train", "train.eval_batch_size=0"], ["train.eval_batch_size", "0"]),
+    (["train", "train.routing_interval=0"], ["train.routing_interval", "0"]),
+    (["train", "--seed", "-1"], ["train.seed", "-1"]),
+    (["train", "--stop-at", "0"], ["--stop-at", "0"]),
+    # train: the model
+    (["train", "--seq-len", "0"], ["seq_len", "0"]),
+    (["train", "d_model=0"], ["d_model", "0"]),
+    (["train", "dropout=1.5"], ["dropout", "1.5"]),
+    (["train", "dropout=nan"], ["dropout", "nan"]),
+    (["train", "d_model=32", "n_heads=3"], ["n_heads=3", "d_model=32"]),
+    (["train", "n_experts=4", "k=9"], ["k", "9"]),
+    (["train", "ffn=unregistered"], ["unregistered", "--plugin"]),
+    # train: devices, files, data
+    (["train", "--device", "cuda:99"], ["cuda:99"]),
+    (["train", "--device", "tpu"], ["tpu"]),
+    (["train", "train.precision=fp16", "--device", "cpu"], ["fp16", "CUDA"]),
+    (["train", "--data", "text:/nonexistent/corpus.txt"], ["/nonexistent/corpus.txt"]),
+    (["train", "--data", "nosuchkind:x"], ["nosuchkind"]),
+    (["train", "--config", "/nonexistent/run.toml"], ["/nonexistent/run.toml"]),
+    (["train", "--config", "{tmp}/bad.toml"], ["bad.toml"], configs),
+    (["train", "--config", "{tmp}/unknown.json"], ["unknown.json", "optimizer"], configs),
+    (["train", "--config", "{tmp}/typed.json"], ["train.lr", "fast"], configs),
+    (["train", "--config", "{tmp}/list.json"], ["list.json", "top level"], configs),
+    (["train", "--plugin", "/nonexistent/plugin.py"], ["/nonexistent/plugin.py"]),
+    (["train", "--plugin", "no_such_module_xyz"], ["no_such_module_xyz"]),
+    (["train", "--out", "{tmp}/file", *TINY], ["{tmp}/file", "is a file"], a_file),
+    (["train", "--out", "{tmp}/file/run", *TINY], ["{tmp}/file/run", "is a file"], a_file),
+    (
+        ["train", "--out", "{tmp}/r", "--data", "text:{tmp}/tiny.txt", *TINY],
+        ["tiny.txt"],
+        tiny_text,
+    ),
+    (
+        ["train", "--out", "{tmp}/r", "--data", "wikitext:{tmp}/wt", *TINY, "--batch-size", "4"],
+        ["valid split", "train.eval_batch_size"],
+        short_valid,
+    ),
+    (["train", "--out", "{tmp}/r", "--preset", "artetxe-moe-52b"], ["GiB", "skip_memory_check"]),
+    # train: run folders, resuming
+    (["train", "--out", "{run}", *TINY], ["{run}", "--resume", "--overwrite"]),
+    (["train", "--out", "{run}", "--overwrite", "train.lr=nan"], ["train.lr"]),
+    (
+        ["train", "--out", "{run}", "--overwrite", "--preset", "artetxe-moe-52b"],
+        ["GiB", "skip_memory_check"],
+    ),
+    (["train", "--resume"], ["--resume", "--out"]),
+    (["train", "--out", "{run}", "--resume", "--overwrite"], ["--resume", "--overwrite"]),
+    (["train", "--out", "{tmp}/empty", "--resume"], ["no checkpoint"]),
+    (["train", "--out", "{run}", "--resume", "d_model=64"], ["--resume", "model"]),
+    (["train", "--out", "{run}", "--resume", "--preset", "tiny-gshard"], ["tiny-gshard"]),
+    (["train", "--out", "{run}", "--resume", "train.lr=inf"], ["train.lr", "inf"]),
+    (["train", "--out", "{tmp}/copy", "--resume"], ["no checkpoint", "loads"], truncated_copy),
+    (["train", "--out", "{tmp}/exported", "--resume"], ["not resumed"], model_only_checkpoint),
+    (["train", "--out", "{tmp}/locked", *TINY], ["in use", ".lock", str(os.getpid())], live_lock),
+    (["train", "--out", "{tmp}/locked", *TINY], ["another-host.invalid", ".lock"], foreign_lock),
+    (
+        ["train", "--out", "{tmp}/nan", "--plugin", str(POISON), *TINY, "ffn=poison"]
+        + ["ffn.at_call=3", "--max-steps", "6", "--batch-size", "2", *QUIET]
+        + ["train.warmup_steps=1", "train.eval_batch_size=2"],
+        ["not finite", "step 3"],
+    ),
+    # eval
+    (["eval", "/nonexistent/step-1.pt"], ["/nonexistent/step-1.pt"]),
+    (["eval", "{tmp}"], ["no checkpoint", "{tmp}"]),
+    (["eval", "{run}", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["eval", "{run}", "--batch-size", "x"], ["--batch-size", "x"]),
+    (["eval", "{run}", "--max-batches", "-1"], ["--max-batches", "-1"]),
+    (["eval", "{run}", "--seq-len", "0"], ["--seq-len", "0"]),
+    (["eval", "{run}", "--device", "tpu"], ["tpu"]),
+    (["eval", "{run}", "--data", "bytes:{tmp}/bytes.txt"], ["bytes:{tmp}/bytes.txt"], byte_text),
+    (["eval", "{tmp}/copy"], ["{tmp}/copy", "corrupt or truncated"], truncated_copy),
+    (["eval", "{tmp}/forged.pt", "--max-batches", "1"], ["forged.pt", "shape"], forged_checkpoint),
+    # prime
+    (["prime", "{run}"], ["--task"]),
+    (["prime", "{run}", "--task", "{task}", "--k-shot", "-1"], ["--k-shot", "-1"]),
+    (["prime", "{run}", "--task", "{task}", "--max-examples", "-1"], ["--max-examples", "-1"]),
+    (["prime", "{run}", "--task", "{task}", "--seed", "-2"], ["--seed", "-2"]),
+    (["prime", "{run}", "--task", "{tmp}/two.jsonl", "--k-shot", "2"], ["--k-shot 2"], tasks),
+    (["prime", "{run}", "--task", "{tmp}/missing.jsonl"], ["missing.jsonl"]),
+    (["prime", "{run}", "--task", "{tmp}/label.jsonl"], ["label.jsonl"], tasks),
+    (["prime", "{run}", "--task", "{tmp}/empty.jsonl"], ["empty.jsonl"], tasks),
+    (["prime", "/nonexistent/run", "--task", "{task}"], ["/nonexistent/run"]),
+    # finetune
+    (["finetune", "{run}", "--task", "{task}", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["finetune", "{run}", "--task", "{task}", "--max-steps", "0"], ["--max-steps", "0"]),
+    (["finetune", "{run}", "--task", "{task}", "--lr", "nan"], ["--lr", "nan"]),
+    (["finetune", "{run}", "--task", "{task}", "--lr", "-1"], ["--lr", "-1"]),
+    (["finetune", "{run}", "--task", "{task}", "--k-shot", "-3"], ["--k-shot", "-3"]),
+    (["finetune", "{run}", "--task", "{tmp}/label.jsonl"], ["label.jsonl"], tasks),
+    (
+        ["finetune", "{run}", "--task", "{task}", "--eval-task", "{tmp}/missing.jsonl"],
+        ["missing.jsonl"],
+    ),
+    # info
+    (["info", "--preset", "nope"], ["nope"]),
+    (["info", "d_model=0"], ["d_model", "0"]),
+    (["info", "train.lr=nan"], ["train.lr", "nan"]),
+    (["info", "train.beta2=1"], ["train.beta2", "1"]),
+    (["info", "--config", "/nonexistent/run.json"], ["/nonexistent/run.json"]),
+    (["info", "seq_len"], ["seq_len", "KEY=VALUE"]),
+    # the command itself
+    (["frobnicate"], ["frobnicate"]),
+]
+
+
+def _id(case) -> str:
+    return " ".join(case[0])[:80] or "(no arguments)"
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[_id(c) for c in CLI_CASES])
+def test_cli_bad_input_is_one_line_exit_2_and_loses_no_checkpoint(cli, shared_run, tmp_path, case):
+    argv, needles, *setup = case
+    for prepare in setup:
+        prepare(shared_run, tmp_path)
+    context = {"run": shared_run, "tmp": tmp_path, "task": moe_data.example_task_path()}
+    before = fingerprint(shared_run)
+    rc, _, err = cli(*(a.format(**context) for a in argv))
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    *notes, line = err.strip().splitlines()
+    # what was skipped or taken over may be said before, as notes
+    assert all(n.startswith("note: ") for n in notes), err
+    assert line.startswith("error: "), err
+    for needle in needles:
+        assert needle.format(**context) in line, (needle, line)
+    assert fingerprint(shared_run) == before
+
+
+def _wide(x):
+    return moe_layers.SigmaMoE(16, 4, 8, 2)(x)
+
+
+x_TD = torch.randn(6, 16)
+w1_EDG, w2_EGD = torch.randn(4, 16, 8), torch.randn(4, 8, 16)
+idx_TK = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+gates_TK = torch.full((6, 2), 0.5)
+out_of_range_TK = idx_TK.clone().index_fill_(0, torch.tensor([4]), 4)
+negative_TK = idx_TK.clone().index_fill_(0, torch.tensor([2]), -1)
+tokens_BL = torch.zeros(2, 8, dtype=torch.long)
+
+LIBRARY_CASES = [
+    (
+        "SigmaMoE input of the wrong width",
+        lambda: _wide(torch.randn(4, 8)),
+        ["d_model=16", "(4, 8)"],
+    ),
+    ("SigmaMoE k > n_experts", lambda: moe_layers.SigmaMoE(16, 4, 8, 5), ["k", "5"]),
+    ("SigmaMoE no experts", lambda: moe_layers.SigmaMoE(16, 0, 8, 2), ["n_experts", "0"]),
+    (
+        "SigmaMoE expert_dropout 1.5",
+        lambda: moe_layers.SigmaMoE(16, 4, 8, 2, expert_dropout=1.5),
+        ["expert_dropout", "1.5"],
+    ),
+    (
+        "SwitchMoE token_ids of another shape",
+        lambda: moe_layers.SwitchMoE(16, 4, 8)(x_TD, token_ids=torch.zeros(3, dtype=torch.long)),
+        ["token_ids", "(3,)"],
+    ),
+    ("DenseFFN d_ff 0", lambda: moe_layers.DenseFFN(16, 0), ["d_ff", "0"]),
+    ("PKM n_keys 0", lambda: moe_layers.PKM(16, n_keys=0), ["n_keys", "0"]),
+    ("TopKFFN k > d_ff", lambda: moe_layers.TopKFFN(16, 32, k=64), ["k", "64"]),
+    (
+        "GShardMoE negative capacity",
+        lambda: moe_layers.GShardMoE(16, 4, 8, capacity_factor=-1.0),
+        ["capacity_factor", "-1"],
+    ),
+    (
+        "expert_mlp ids >= n_experts",
+        lambda: moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, out_of_range_TK, gates_TK),
+        ["idx", "[0, 4)"],
+    ),
+    (
+        "expert_mlp negative ids",
+        lambda: moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, negative_TK, gates_TK),
+        ["idx", "-1"],
+    ),
+    (
+        "expert_mlp gates of another shape",
+        lambda: moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK[:, :1]),
+        ["gates", "(6, 1)"],
+    ),
+    (
+        "expert_mlp unknown activation",
+        lambda: moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation="tanh"),
+        ["activation", "tanh"],
+    ),
+    (
+        "expert_mlp w2 not [E, G, D]",
+        lambda: moe_kernels.expert_mlp(x_TD, w1_EDG, w1_EDG, idx_TK, gates_TK),
+        ["w2", "(4, 16, 8)"],
+    ),
+    (
+        "expert_matmul float ids",
+        lambda: moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK.float()),
+        ["idx", "integer"],
+    ),
+    (
+        "expert_matmul x of the wrong width",
+        lambda: moe_kernels.expert_matmul(x_TD[:, :3], w1_EDG, idx_TK),
+        ["x", "(6, 3)"],
+    ),
+    (
+        "expert_matmul dtypes differ",
+        lambda: moe_kernels.expert_matmul(x_TD.double(), w1_EDG, idx_TK),
+        ["dtype", "float64"],
+    ),
+    (
+        "expert_matmul unknown backend",
+        lambda: moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK, backend="cuda"),
+        ["backend", "cuda"],
+    ),
+    (
+        "expert_matmul ids out of range",
+        lambda: moe_kernels.expert_matmul(x_TD, w1_EDG, out_of_range_TK),
+        ["idx", "[0, 4)"],
+    ),
+    (
+        "sort_by_expert ids out of range",
+        lambda: moe_kernels.sort_by_expert(out_of_range_TK, 4),
+        ["idx", "[0, 4)"],
+    ),
+    ("sort_by_expert no experts", lambda: moe_kernels.sort_by_expert(idx_TK, 0), ["n_experts"]),
+    (
+        "model tokens >= vocab_size",
+        lambda: moe_models.build("tiny-sigma-moe")(torch.full((1, 4), 10**6)),
+        ["vocab_size=256", "1000000"],
+    ),
+    (
+        "model float tokens",
+        lambda: moe_models.build("tiny-sigma-moe")(torch.zeros(1, 4)),
+        ["tokens", "float32"],
+    ),
+    (
+        "model targets of another shape",
+        lambda: moe_models.build("tiny-dense")(tokens_BL, tokens_BL[:, :4]),
+        ["targets", "(2, 4)"],
+    ),
+    ("get_config unknown preset", lambda: moe_models.get_config("nope"), ["nope"]),
+    (
+        "get_config d_model 0",
+        lambda: moe_models.get_config("tiny-sigma-moe", d_model=0),
+        ["d_model", "0"],
+    ),
+    (
+        "XLBatcher batch 0",
+        lambda: moe_data.XLBatcher(list(range(100)), 0, 8),
+        ["batch_size", "0"],
+    ),
+    ("moe_data.load unknown kind", lambda: moe_data.load("nosuchkind:x"), ["nosuchkind"]),
+]
+
+
+@pytest.mark.parametrize("name, call, needles", LIBRARY_CASES, ids=[c[0] for c in LIBRARY_CASES])
+def test_library_bad_input_is_a_one_line_value_error(name, call, needles):
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_the_table_holds_at_least_sixty_bad_inputs():
+    assert len(CLI_CASES) + len(LIBRARY_CASES) >= 60
