@@ -1,4 +1,4 @@
-"""`moe-train`: train, evaluate, prime and fine-tune the MoE language models of moe-models.
+"""`moe-train`: train, evaluate, prime, fine-tune, generate and export MoE language models.
 
 Every user mistake (unknown preset, option or override; an option out of range; missing or
 corrupt data; unreadable or incompatible checkpoint; a file system error; absent device or too
@@ -8,7 +8,8 @@ traceback is printed and the exit code is 1. Set MOE_TRAIN_DEBUG=1 to get the tr
 error too.
 
 Each subcommand is a module of `moe_train.commands` with `NAME`, `HELP`, `add_arguments(parser)`
-and `run(args) -> exit code`; `COMMANDS` lists them in the order `--help` shows.
+and `run(args) -> exit code`; `COMMANDS` lists them in the order `--help` shows. A module with
+`PASSTHROUGH = True` gets its arguments unparsed, as `args.argv` (lm-eval's own command line).
 """
 
 from __future__ import annotations
@@ -21,12 +22,23 @@ import traceback
 import moe_data
 import torch
 
-from moe_train.commands import compare, evaluate, finetune, info, prime, train
+import moe_train
+from moe_train.commands import (
+    compare,
+    evaluate,
+    export,
+    finetune,
+    generate,
+    info,
+    lm_eval,
+    prime,
+    train,
+)
 from moe_train.errors import CLIError
 
 EXIT_USAGE = 2
 EXIT_BUG = 1
-COMMANDS = (train, evaluate, prime, finetune, compare, info)
+COMMANDS = (train, evaluate, prime, finetune, generate, export, lm_eval, compare, info)
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,6 +51,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The top-level parser (for --help) and one parser per subcommand."""
     parser = Parser(prog="moe-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, **getattr(command, "PARSER", {}))
@@ -50,13 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         top, parsers = build_parser()
-        if not argv or argv[0] not in parsers:
+        if not argv:
+            top.print_help()
+            return 0
+        if argv == ["--version"]:
+            print(f"moe-train {moe_train.__version__}")
+            return 0
+        if argv[0] not in parsers:
             top.parse_args(argv)
             raise CLIError(f"unknown command {argv[0]!r}; expected one of {', '.join(parsers)}")
-        # intermixed: KEY=VALUE overrides may come before, between or after the flags
-        args = parsers[argv[0]].parse_intermixed_args(argv[1:])
+        command = {command.NAME: command for command in COMMANDS}[argv[0]]
+        if getattr(command, "PASSTHROUGH", False):
+            args = argparse.Namespace(argv=argv[1:])
+        else:
+            # intermixed: KEY=VALUE overrides may come before, between or after the flags
+            args = parsers[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
-        run = {command.NAME: command.run for command in COMMANDS}[args.command]
+        run = command.run
         return run(args)
     except (CLIError, moe_data.DataError, OSError, torch.cuda.OutOfMemoryError) as e:
         # what the user can fix: config, data, checkpoint, file system, memory

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import moe_data
 import torch
+from tqdm import tqdm
 
 from moe_train.distributed import DistEnv, sum_over_ranks
 
@@ -27,13 +29,15 @@ def evaluate(
     env: DistEnv,
     precision: str = "fp32",
     max_batches: int = 0,
+    progress: str | None = None,
 ) -> float:
     """Mean cross-entropy (nats/token) of `model` on `tokens`, over all ranks.
 
     Contiguous streams; each segment is fed the state the previous one returned (the
     Transformer-XL memory; the other architectures return none in evaluation and see each
     segment on its own). max_batches > 0 caps the work (an
-    estimate, for evaluations during training); 0 reads the whole split.
+    estimate, for evaluations during training); 0 reads the whole split. progress: the label of a
+    tqdm bar on stderr (None: no bar).
     """
     was_training = model.training
     model.eval()
@@ -43,6 +47,7 @@ def evaluate(
     n = len(batcher) if max_batches <= 0 else min(max_batches, len(batcher))
     total, count = 0.0, 0.0
     state = None
+    bar = tqdm(total=n, desc=progress, unit="batch", disable=progress is None, file=sys.stderr)
     for i, (inputs, targets) in enumerate(batcher):
         if i >= n:
             break
@@ -54,6 +59,8 @@ def evaluate(
         valid = int((targets != -100).sum())
         total += float(out.lm_loss) * valid
         count += valid
+        bar.update(1)
+    bar.close()
     total, count = sum_over_ranks([total, count], env)
     model.train(was_training)
     if count == 0:

@@ -4,15 +4,21 @@ Each choice is scored by the log-likelihood the LM gives its tokens after the pr
 (summed over the choice's tokens; `normalize=True` divides by their number instead), and the
 highest-scoring choice is the prediction. Fine-tuning trains on prefix + correct choice with the
 loss on the choice's tokens only, so the model learns to answer rather than to model the prompts.
+
+Text is encoded with `vocab`: the tokenizer that travels with the run (anything with `encode`,
+a corpus too). The lm-evaluation-harness adapter scores with `choice_scores` as well, so the two
+agree on the same examples.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 
 import moe_data
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from moe_train.errors import CLIError
 
@@ -30,9 +36,9 @@ def load_task(path: str):
         ) from None
 
 
-def encode(corpus, text: str) -> list[int]:
+def encode(vocab, text: str) -> list[int]:
     try:
-        return [int(i) for i in corpus.encode(text)]
+        return [int(i) for i in vocab.encode(text)]
     except moe_data.DataError as e:
         raise CLIError(f"cannot encode task text with this checkpoint's vocabulary: {e}") from None
 
@@ -71,6 +77,13 @@ def pad_batch(
 @torch.no_grad()
 def choice_scores(model, pairs, device, normalize: bool = False) -> list[float]:
     """Log-likelihood of each (inputs, targets) pair's unmasked targets."""
+    return scored_targets(model, pairs, device, normalize)[0]
+
+
+@torch.no_grad()
+def scored_targets(model, pairs, device, normalize: bool = False) -> tuple[list[float], list[bool]]:
+    """(log-likelihood of each pair's unmasked targets, whether each of them is the model's
+    argmax), from one forward of the right-padded batch."""
     inputs, targets = pad_batch(pairs, device)
     logits = model(inputs).logits.float()  # [B, L, V]
     logp = F.log_softmax(logits, dim=-1)
@@ -79,12 +92,13 @@ def choice_scores(model, pairs, device, normalize: bool = False) -> list[float]:
     totals = picked.sum(1)
     if normalize:
         totals = totals / mask.sum(1).clamp(min=1)
-    return totals.tolist()
+    greedy = ((logits.argmax(-1) == targets) | ~mask).all(1)
+    return totals.tolist(), greedy.tolist()
 
 
 def accuracy(
     model,
-    corpus,
+    vocab,
     task,
     *,
     k_shot: int,
@@ -93,18 +107,30 @@ def accuracy(
     device,
     normalize: bool = False,
     max_examples: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """Multiple-choice accuracy of `model` on `task` with `k_shot` demonstrations per prompt."""
+    """Multiple-choice accuracy of `model` on `task` with `k_shot` demonstrations per prompt;
+    `progress`: a tqdm bar on stderr."""
     was_training = model.training
     model.eval()
     examples = task.examples if max_examples <= 0 else task.examples[:max_examples]
     correct = 0
-    for example in examples:
+    bar = tqdm(
+        examples,
+        desc=f"{task.name} k={k_shot}",
+        unit="example",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    for example in bar:
         prefix, choices = moe_data.build_prompt(task, example, k_shot, seed)
-        prefix_ids = encode(corpus, prefix)
-        pairs = [sequence(prefix_ids, encode(corpus, c), max_len) for c in choices]
+        prefix_ids = encode(vocab, prefix)
+        pairs = [sequence(prefix_ids, encode(vocab, c), max_len) for c in choices]
         scores = choice_scores(model, pairs, device, normalize)
         correct += int(max(range(len(scores)), key=scores.__getitem__) == example.label)
+        bar.set_postfix(accuracy=f"{correct / (bar.n + 1):.3f}")
+    bar.close()
     model.train(was_training)
     n = len(examples)
     return {"task": task.name, "k_shot": k_shot, "n": n, "accuracy": correct / n if n else 0.0}
@@ -112,7 +138,7 @@ def accuracy(
 
 def finetune(
     model,
-    corpus,
+    vocab,
     task,
     *,
     steps: int,
@@ -122,21 +148,32 @@ def finetune(
     seed: int,
     device,
     grad_clip: float = 0.25,
+    on_step=None,
+    progress: bool = False,
 ) -> list[float]:
-    """Train `model` on the task's examples (prefix + correct choice); returns the step losses."""
+    """Train `model` on the task's examples (prefix + correct choice); returns the step losses.
+    `on_step(step, loss)` is called after each step; `progress`: a tqdm bar on stderr."""
     if not task.examples:
         raise CLIError(f"task {task.name} has no examples to fine-tune on")
     pairs = []
     for example in task.examples:
         prefix, choices = moe_data.build_prompt(task, example, 0, seed)
         pairs.append(
-            sequence(encode(corpus, prefix), encode(corpus, choices[example.label]), max_len)
+            sequence(encode(vocab, prefix), encode(vocab, choices[example.label]), max_len)
         )
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
-    for _ in range(steps):
+    bar = tqdm(
+        total=steps,
+        desc="finetune",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    for step in range(1, steps + 1):
         inputs, targets = pad_batch(rng.choices(pairs, k=batch_size), device)
         out = model(inputs, targets)
         out.loss.backward()
@@ -145,4 +182,9 @@ def finetune(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(out.lm_loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
+    bar.close()
     return losses

@@ -1,11 +1,18 @@
-"""`moe-train eval`: valid and test loss of a checkpoint (bpc for char/byte data, else ppl)."""
+"""`moe-train eval`: valid and test loss of a checkpoint (bpc for char/byte data, else ppl).
+
+The data is the corpus the run trained on (or `--data`), checked against the tokenizer that
+travels with the run; `--text FILE` evaluates a text file encoded with that tokenizer instead,
+so a run can be evaluated after its corpus is gone.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from moe_train.commands.common import add_plugin_flag, load_for_inference
+import numpy as np
+
+from moe_train.commands.common import add_plugin_flag
 from moe_train.config import non_negative_int, positive_int
 from moe_train.errors import CLIError
 
@@ -15,9 +22,16 @@ HELP = "evaluate a checkpoint on valid and test"
 
 def add_arguments(p) -> None:
     p.add_argument(
-        "checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)"
+        "checkpoint",
+        help="a run directory (its latest checkpoint), a checkpoint file or an export folder",
     )
     p.add_argument("--data", help="data spec (default: the one the checkpoint was trained on)")
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        help="evaluate this UTF-8 text file, encoded with the run's tokenizer, instead of the "
+        "data's valid and test splits",
+    )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument(
         "--max-batches",
@@ -30,37 +44,76 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file for the metrics (default: next to the checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_plugin_flag(p)
 
 
+def _splits(args, loaded) -> tuple[str, str, dict]:
+    """(data name, level, {split name: token ids})."""
+    from moe_train.data import load_corpus
+    from moe_train.loading import encode, same_vocabulary
+
+    if args.text is not None:
+        if args.data is not None:
+            raise CLIError("--text and --data exclude each other: give one")
+        if loaded.vocab is None:
+            raise CLIError(f"--text needs the tokenizer of the model; {loaded.folder} has none")
+        path = Path(args.text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"--text {path} is not UTF-8 text ({e.reason})") from None
+        ids = np.asarray(encode(loaded.vocab, text), dtype=np.int64)
+        return path.name, loaded.vocab.level, {"text": ids}
+    spec = args.data if args.data is not None else loaded.data
+    corpus = load_corpus(spec)
+    if loaded.vocab is not None and not same_vocabulary(corpus.vocab, loaded.vocab):
+        raise CLIError(
+            f"the data {corpus.name} ({spec}) is tokenised differently from the model's "
+            f"tokenizer ({loaded.folder / 'tokenizer.json'}); pass --text FILE to evaluate text "
+            "with the model's own tokenizer"
+        )
+    if corpus.vocab_size != loaded.config.vocab_size:
+        raise CLIError(
+            f"{loaded.source} has a vocabulary of {loaded.config.vocab_size}, the data "
+            f"{corpus.name} one of {corpus.vocab_size}"
+        )
+    return corpus.name, corpus.level, {"valid": corpus.valid, "test": corpus.test}
+
+
 def run(args) -> int:
+    from moe_train import loading
     from moe_train.distributed import DistEnv
     from moe_train.evaluate import evaluate
     from moe_train.metrics import level_metrics
 
-    payload, cfg, corpus, model, device = load_for_inference(
-        args, args.checkpoint, args.data, args.device
-    )
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
-    seq_len = args.seq_len or cfg.model.seq_len
-    record = {"checkpoint": payload["path"], "step": payload["step"], "data": corpus.name}
-    for split in ("valid", "test"):
+    loaded = loading.load(args.checkpoint, device=args.device, plugins=args.plugin, tokenizer=False)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=loaded.device)
+    seq_len = args.seq_len or loaded.config.seq_len
+    name, level, splits = _splits(args, loaded)
+    record = {"checkpoint": str(loaded.source), "step": loaded.step, "data": name}
+    for split, tokens in splits.items():
         try:
             loss = evaluate(
-                model,
-                getattr(corpus, split),
+                loaded.model,
+                tokens,
                 batch_size=args.batch_size,
                 seq_len=seq_len,
                 env=env,
                 max_batches=args.max_batches,
+                progress=None if args.no_progress else split,
             )
         except ValueError as e:
             raise CLIError(f"{split} split: {e}") from None
-        record.update(level_metrics(split, loss, corpus.level))
+        record.update(level_metrics(split, loss, level))
         unit = "bpc" if f"{split}_bpc" in record else "ppl"
-        print(f"{split}: loss {loss:.4f}  {unit} {record[f'{split}_{unit}']:.4f}")
-    ckpt_path = Path(payload["path"])
-    out = Path(args.out) if args.out else ckpt_path.parent / f"eval-{ckpt_path.stem}.json"
+        print(f"{split}: loss {loss:.4f}  {unit} {record[f'{split}_{unit}']:.4f}", flush=True)
+    if args.out:
+        out = Path(args.out)
+    else:
+        where = loaded.source.parent if loaded.payload is not None else loaded.folder
+        suffix = f"-{Path(args.text).stem}" if args.text is not None else ""
+        out = where / f"eval-{loaded.name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"metrics written to {out}")
