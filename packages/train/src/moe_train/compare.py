@@ -645,7 +645,8 @@ def run(
             f"[{i}/{len(runs)}] {r.folder}: valid {unit} {result['valid_' + unit]:.4f}, "
             f"test {unit} {result['test_' + unit]:.4f}"
         )
-        write_reports(out_dir, spec, runs, log=lambda *a, **k: None)
+        # the tables after every run (a look at the progress); plots, which take seconds, once
+        write_reports(out_dir, spec, runs, log=lambda *a, **k: None, plots=False)
     write_reports(out_dir, spec, runs, log=log)
     return complete
 
@@ -754,8 +755,9 @@ def csv_row(r: dict) -> dict:
 
 
 def markdown(
-    spec: Spec, rows: list[dict], unit: str, n_done: int, n_runs: int, plots: list[str]
+    spec: Spec, rows: list[dict], unit: str, n_done: int, n_runs: int, plots: list[str] | None
 ) -> str:
+    """plots: the PNG files; [] when matplotlib is missing, None when not drawn yet."""
     lines = ["# Comparison", ""]
     seq = f"seq_len {spec.seq_len}" if spec.seq_len else "each preset's own seq_len"
     lines.append(
@@ -822,15 +824,20 @@ def markdown(
             ]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""]
-    if plots:
+    if plots is None:
+        lines.append("The plots are drawn when the comparison ends.")
+    elif plots:
         lines += [f"![{p}]({p})" for p in plots]
     else:
         lines.append(f"No plots: {PLOTS_NOTE}.")
     return "\n".join(lines) + "\n"
 
 
-def write_reports(out_dir: Path, spec: Spec, runs: list[Run], log=print) -> list[Path]:
-    """results.md, results.csv, results.json and the plots of the finished runs; the paths."""
+def write_reports(
+    out_dir: Path, spec: Spec, runs: list[Run], log=print, plots: bool = True
+) -> list[Path]:
+    """results.md, results.csv, results.json and (plots=True) the plots of the finished runs;
+    the paths."""
     results = collect(out_dir, runs)
     if not results:
         return []
@@ -850,16 +857,18 @@ def write_reports(out_dir: Path, spec: Spec, runs: list[Run], log=print) -> list
         "summary": rows,
     }
     _write_text(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
-    try:
-        plots = write_plots(out_dir, results)
-    except ImportError:
-        plots = []
-        log(f"note: {PLOTS_NOTE}")
+    drawn = None
+    if plots:
+        try:
+            drawn = write_plots(out_dir, results)
+        except ImportError:
+            drawn = []
+            log(f"note: {PLOTS_NOTE}")
     unit = "bpc" if uses_bpc(results[0]["level"]) else "ppl"
-    text = markdown(spec, rows, unit, len(results), len(runs), plots)
+    text = markdown(spec, rows, unit, len(results), len(runs), drawn)
     _write_text(out_dir / "results.md", text)
-    paths = [out_dir / n for n in ("results.md", "results.csv", "results.json", *plots)]
-    log(f"results: {out_dir}/results.md, .csv, .json and {len(plots)} plot(s)")
+    paths = [out_dir / n for n in ("results.md", "results.csv", "results.json", *(drawn or []))]
+    log(f"results: {out_dir}/results.md, .csv, .json and {len(drawn or [])} plot(s)")
     return paths
 
 
