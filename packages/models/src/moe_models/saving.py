@@ -86,7 +86,11 @@ def load_pretrained(folder, map_location: str | torch.device = "cpu") -> nn.Modu
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise ValueError(f"{folder} holds no {WEIGHTS}")
-    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"{weights} does not fit the model of {CONFIG}: {detail}") from None
     if missing or unexpected:
         raise ValueError(
             f"{weights} does not fit the model of {CONFIG}: missing {sorted(missing)[:4]}, "
