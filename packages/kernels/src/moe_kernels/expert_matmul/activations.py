@@ -19,7 +19,7 @@ def activate(name: str, h: torch.Tensor) -> torch.Tensor:
 def activate_backward(name: str, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """grad * act'(h), with gelu the exact (erf) form that F.gelu computes by default."""
     if name == "relu":
-        return grad * (h > 0)
+        return torch.ops.aten.threshold_backward(grad, h, 0)
     if name == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
         pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))

@@ -33,6 +33,18 @@ def _grouped_mm_applies(d_in: int, d_out: int, *mats: torch.Tensor) -> bool:
     return (d_in * size) % 16 == 0 and (d_out * size) % 16 == 0
 
 
+def sum_slot_major(rows_RX: torch.Tensor, row_of_flat_N: torch.Tensor, n_slots: int):
+    """out[t] = sum over k of rows[row_of_flat[t * K + k]]; [T, X]. The rows are gathered slot by
+    slot ([K, T, X]) so that the sum runs over the outer dim, contiguous blocks of T * X: on the
+    CPU about twice as fast as summing the middle dim of [T, K, X], and several times faster than
+    index_add_, which runs as a scatter_add over an expanded index."""
+    if n_slots == 1:
+        return rows_RX.index_select(0, row_of_flat_N)
+    slot_major_N = row_of_flat_N.view(-1, n_slots).t().reshape(-1)
+    rows_KTX = rows_RX.index_select(0, slot_major_N).view(n_slots, -1, rows_RX.shape[1])
+    return rows_KTX.sum(0)
+
+
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor) -> torch.Tensor:
     """out[n] = a[n] @ w[e] for every sorted row n of expert e; [N, O]. w may be a transposed view."""
     if _grouped_mm_applies(w_EIO.shape[1], w_EIO.shape[2], a_NI, w_EIO):
@@ -65,7 +77,7 @@ def grouped_mm_dw(
 
 class GroupedTorchBackend(SortedLayout):
     """Compact expert-sorted rows and grouped matmuls. Gathers eagerly (once, so that backward
-    reuses the gathered rows); on the CPU sums the slots with index_add_ (deterministic there)."""
+    reuses the gathered rows)."""
 
     def take(self, data: torch.Tensor, index: torch.Tensor) -> Rows:
         return Rows(data.index_select(0, index))
@@ -78,10 +90,7 @@ class GroupedTorchBackend(SortedLayout):
         return grouped_mm_dw(a.materialize(), dy.materialize(), self.routing.offsets_E1)
 
     def sum_slots(self, rows_NX: torch.Tensor) -> torch.Tensor:
-        if rows_NX.is_cuda:
-            return super().sum_slots(rows_NX)
-        out_TX = rows_NX.new_zeros(self.n_tokens, rows_NX.shape[1])
-        return out_TX.index_add_(0, self.token_N, rows_NX)
+        return sum_slot_major(rows_NX, self.routing.inverse_N, self.n_slots)
 
 
 class PaddedTorchBackend:
@@ -99,25 +108,31 @@ class PaddedTorchBackend:
         self.n_experts = E = counts_E.numel()
         self.capacity = C = int(counts_E.max()) if N else 0
         device = counts_E.device
-        expert_N = torch.repeat_interleave(torch.arange(E, device=device), counts_E, output_size=N)
-        rank_N = torch.arange(N, device=device) - routing.offsets_E1[expert_N]
+        # the expert of each sorted row by a search of the offsets: repeat_interleave costs a
+        # parallel region, which waits a scheduler slice for its second thread on a busy machine
+        sorted_N = torch.arange(N, device=device)
+        expert_N = torch.searchsorted(routing.offsets_E1[1:], sorted_N, right=True)
+        rank_N = sorted_N - routing.offsets_E1.index_select(0, expert_N)
         self.padded_N = padded_N = expert_N * C + rank_N  # padded row of the n-th sorted row
         # flat (token, slot) index and sorted position of each padded row; N marks a pad (so
         # N // K = T does too)
-        self.flat_R = torch.full((E * C,), N, dtype=torch.long, device=device)
-        self.flat_R[padded_N] = routing.order_N
-        self.sorted_R = torch.full((E * C,), N, dtype=torch.long, device=device)
-        self.sorted_R[padded_N] = torch.arange(N, device=device)
+        fill_R = padded_N.new_full((E * C,), N)
+        self.flat_R = fill_R.scatter(0, padded_N, routing.order_N)
+        self.sorted_R = fill_R.scatter_(0, padded_N, sorted_N)
         self.token_R = self.flat_R // n_slots
         self.padded_of_flat_N = padded_N.index_select(0, routing.inverse_N)
 
-    def take(self, data: torch.Tensor, index_R: torch.Tensor) -> Rows:
-        """Row r is data[index[r]], or zeros where index[r] == len(data) (a pad)."""
-        with_zero_row = torch.cat([data, data.new_zeros(1, *data.shape[1:])])
-        return Rows(with_zero_row.index_select(0, index_R))
+    def take(self, data: torch.Tensor, index_R: torch.Tensor, zero_pads: bool = True) -> Rows:
+        """Row r is data[index[r]]; the pads (index len(data)) hold zeros, or with zero_pads=False
+        a copy of row 0: for rows whose pads only ever meet zero gates, which spares copying the
+        data with a zero row appended."""
+        if zero_pads or len(data) == 0:
+            data = torch.cat([data, data.new_zeros(1, *data.shape[1:])])
+            return Rows(data.index_select(0, index_R))
+        return Rows(data.index_select(0, index_R.remainder(len(data))))
 
-    def take_tokens(self, data_TX: torch.Tensor) -> Rows:
-        return self.take(data_TX, self.token_R)
+    def take_tokens(self, data_TX: torch.Tensor, zero_pads: bool = True) -> Rows:
+        return self.take(data_TX, self.token_R, zero_pads)
 
     def take_flat(self, data_NX: torch.Tensor) -> Rows:
         return self.take(data_NX, self.flat_R)
@@ -129,18 +144,14 @@ class PaddedTorchBackend:
         """The N sorted rows (pads dropped): the ops save rows of one size whatever the layout."""
         return rows_RX.index_select(0, self.padded_N)
 
-    def from_compact(self, rows_NX: torch.Tensor) -> Rows:
-        return self.take(rows_NX, self.sorted_R)
+    def from_compact(self, rows_NX: torch.Tensor, zero_pads: bool = True) -> Rows:
+        return self.take(rows_NX, self.sorted_R, zero_pads)
 
     def unsort(self, rows_RX: torch.Tensor) -> torch.Tensor:
         return rows_RX.index_select(0, self.padded_of_flat_N)
 
     def sum_slots(self, rows_RX: torch.Tensor) -> torch.Tensor:
-        if rows_RX.is_cuda:
-            flat = self.unsort(rows_RX)
-            return flat.view(self.n_tokens, self.n_slots, rows_RX.shape[1]).sum(1)
-        out = rows_RX.new_zeros(self.n_tokens + 1, rows_RX.shape[1])
-        return out.index_add_(0, self.token_R, rows_RX)[: self.n_tokens]
+        return sum_slot_major(rows_RX, self.padded_of_flat_N, self.n_slots)
 
     def _batched(self, rows_RX: torch.Tensor) -> torch.Tensor:
         return rows_RX.view(self.n_experts, self.capacity, rows_RX.shape[1])

@@ -18,8 +18,9 @@ class SortedLayout:
         self.n_tokens = routing.order_N.numel() // n_slots
         self.token_N = routing.order_N // n_slots
 
-    def take_tokens(self, data_TX: torch.Tensor) -> Rows:
-        """Row n is data[token of n] (the same token row for all its slots)."""
+    def take_tokens(self, data_TX: torch.Tensor, zero_pads: bool = True) -> Rows:
+        """Row n is data[token of n] (the same token row for all its slots). zero_pads=False lets
+        a padded layout leave its pad rows unzeroed, for rows whose pads meet only zero gates."""
         return self.take(data_TX, self.token_N)
 
     def take_flat(self, data_NX: torch.Tensor) -> Rows:
@@ -41,7 +42,7 @@ class SortedLayout:
         """Rows of this layout as the N sorted rows, the layout the ops save for the backward."""
         return rows_NX
 
-    def from_compact(self, rows_NX: torch.Tensor) -> Rows:
+    def from_compact(self, rows_NX: torch.Tensor, zero_pads: bool = True) -> Rows:
         """The N sorted rows in this layout."""
         return Rows(rows_NX)
 

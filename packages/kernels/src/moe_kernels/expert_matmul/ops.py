@@ -6,14 +6,17 @@ Ops (namespace moe_kernels):
   expert_matmul_backward(grad, x?, w, gates?, order, inverse, offsets, counts, xs, backend,
                          x_per_slot, need_x, need_w, need_gates) -> (dx, dw, dgates)
   expert_mlp(x, w1, w2, idx, gates, activation, backend) -> (out, order, inverse, offsets,
-                                                              counts, xs, h)
-  expert_mlp_backward(grad, x?, w1, w2, gates, order, inverse, offsets, counts, xs, h,
+                                                              counts, h)
+  expert_mlp_backward(grad, x, w1, w2, gates, order, inverse, offsets, counts, h,
                       activation, backend, need_x, need_w1, need_w2, need_gates)
                       -> (dx, dw1, dw2, dgates)
 The forward ops return, beside the output, what their backward needs: the routing (so that it is
-sorted once), xs the gathered input rows [N, d_in] of the torch backend ([0, d_in] for Triton,
-whose kernels gather inside their loads, so x itself is saved instead) and h the hidden
-pre-activations [N, G] of the MLP, N = T * K. Saved rows are always the N expert-sorted rows
+sorted once), xs the gathered input rows [N, d_in] of the torch backend's expert_matmul ([0, d_in]
+for Triton, whose kernels gather inside their loads, so x itself is saved instead) and h the
+hidden rows [N, G] of the MLP, N = T * K: the pre-activations, or for relu the activations (whose
+sign gives the same derivative and spares recomputing them). The MLP saves x on every backend and
+gathers it again in the backward: one gather, where saving the gathered rows costs two on the
+padded layout (compacting them, then padding them again). Saved rows are always the N expert-sorted rows
 (the padded layout converts), so every output shape follows from the input shapes and the backend
 name: the fake implementations need no data-dependent size, and dynamo never breaks the graph at
 these ops. A gradient not needed comes back as an empty tensor.
@@ -27,6 +30,7 @@ summed back into token order.
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels.expert_matmul.activations import activate, activate_backward
@@ -238,16 +242,17 @@ def _mlp_body(
     gates_TK: Tensor,
     activation: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     K = idx_TK.shape[1]
     routing = _route(idx_TK, w1_EDG.shape[0], backend, x_TD)
     be = make_backend(backend, x_TD, routing, K)
     gs_N1 = be.row_gates(gates_TK)
-    xs = be.take_tokens(x_TD)
+    xs = be.take_tokens(x_TD, zero_pads=False)  # pads meet zero gates before any output
     h_NG = be.mm(xs, w1_EDG)
     ag_NG = activate(activation, h_NG) * gs_N1
     out_TD = be.sum_slots(be.mm(Rows(ag_NG), w2_EGD))
-    return out_TD, *routing, _saved_rows(be, xs, x_TD.shape[1]), be.compact(h_NG)
+    hidden_NG = F.relu(h_NG) if activation == "relu" else h_NG
+    return out_TD, *routing, be.compact(hidden_NG)
 
 
 expert_mlp_op = define("expert_mlp", _mlp_body)
@@ -257,14 +262,13 @@ expert_mlp_op = define("expert_mlp", _mlp_body)
 def _(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend):
     T, K = idx_TK.shape
     E, D, G = w1_EDG.shape
-    R = _fake_saved_rows(backend, x_TD, T * K)
     routing = _fake_routing(idx_TK, E)
-    return x_TD.new_empty(T, D), *routing, x_TD.new_empty(R, D), x_TD.new_empty(T * K, G)
+    return x_TD.new_empty(T, D), *routing, x_TD.new_empty(T * K, G)
 
 
 def _mlp_backward_body(
     grad_TD: Tensor,
-    x_TD: Tensor | None,
+    x_TD: Tensor,
     w1_EDG: Tensor,
     w2_EGD: Tensor,
     gates_TK: Tensor,
@@ -272,8 +276,7 @@ def _mlp_backward_body(
     inverse_N: Tensor,
     offsets_E1: Tensor,
     counts_E: Tensor,
-    xs_ND: Tensor,
-    h_sorted_NG: Tensor,
+    hidden_sorted_NG: Tensor,
     activation: str,
     backend: str,
     need_x: bool,
@@ -281,14 +284,17 @@ def _mlp_backward_body(
     need_w2: bool,
     need_gates: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Nothing is gathered twice: the backward reuses the routing, the gathered rows and h."""
+    """The backward reuses the routing and the hidden rows; it gathers x again (see the module
+    doc)."""
     T, K = gates_TK.shape
     be = make_backend(backend, w1_EDG, Routing(order_N, inverse_N, offsets_E1, counts_E), K)
-    xs = _backward_rows(be, x_TD, xs_ND)
-    h_NG = be.from_compact(h_sorted_NG).data  # in the backend's row layout
+    # pad rows are left unzeroed: each product below that reaches a gradient multiplies them by a
+    # zero gate (dw2 and dh through gs, dw1 through dh)
+    xs = be.take_tokens(x_TD, zero_pads=False)
+    hidden_NG = be.from_compact(hidden_sorted_NG, zero_pads=False).data
     gs_N1 = be.row_gates(gates_TK)
-    a_NG = activate(activation, h_NG)
-    dout = be.take_tokens(grad_TD)
+    a_NG = hidden_NG if activation == "relu" else activate(activation, hidden_NG)
+    dout = be.take_tokens(grad_TD, zero_pads=False)
     da_NG = be.mm(dout, w2_EGD, transpose=True)  # gradient of the unweighted activations
     dx, dw1, dw2, dgates = (w1_EDG.new_empty(0) for _ in range(4))
     if need_gates:
@@ -296,7 +302,7 @@ def _mlp_backward_body(
     if need_w2:
         dw2 = be.mm_dw(Rows(a_NG * gs_N1), dout)
     if need_x or need_w1:
-        dh = Rows(activate_backward(activation, h_NG, da_NG * gs_N1))
+        dh = Rows(activate_backward(activation, hidden_NG, da_NG * gs_N1))
         if need_w1:
             dw1 = be.mm_dw(xs, dh)
         if need_x:
@@ -308,8 +314,8 @@ expert_mlp_backward_op = define("expert_mlp_backward", _mlp_backward_body)
 
 
 @expert_mlp_backward_op.register_fake
-def _(grad_TD, x_TD, w1_EDG, w2_EGD, gates_TK, order_N, inverse_N, offsets_E1, counts_E, xs_ND,
-      h_NG, activation, backend, need_x, need_w1, need_w2, need_gates):  # fmt: skip
+def _(grad_TD, x_TD, w1_EDG, w2_EGD, gates_TK, order_N, inverse_N, offsets_E1, counts_E, h_NG,
+      activation, backend, need_x, need_w1, need_w2, need_gates):  # fmt: skip
     def grad(need, *shape):
         return w1_EDG.new_empty(*shape) if need else w1_EDG.new_empty(0)
 
@@ -323,12 +329,11 @@ def _(grad_TD, x_TD, w1_EDG, w2_EGD, gates_TK, order_N, inverse_N, offsets_E1, c
 
 def _mlp_setup_context(ctx, inputs, output):
     x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend = inputs
-    _, *routing, xs_ND, h_NG = output
-    ctx.mark_non_differentiable(xs_ND, h_NG)
+    _, *routing, hidden_NG = output
+    ctx.mark_non_differentiable(hidden_NG)
     ctx.set_materialize_grads(False)
     ctx.activation, ctx.backend = activation, backend
-    x_saved = x_TD if uses_triton(backend, x_TD) else None
-    ctx.save_for_backward(x_saved, w1_EDG, w2_EGD, gates_TK, *routing, xs_ND, h_NG)
+    ctx.save_for_backward(x_TD, w1_EDG, w2_EGD, gates_TK, *routing, hidden_NG)
 
 
 def _mlp_backward(ctx, grad_TD, *_):
