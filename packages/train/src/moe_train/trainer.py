@@ -13,8 +13,8 @@ saves anything of it, so every checkpoint holds finite weights.
 Checkpoints hold everything a resumed run needs to continue bit-for-bit: model, optimiser,
 scheduler and grad-scaler states, each rank's data position, RNG states and model state (the
 XL memory), the logging and routing windows and the best validation loss, so that the resumed
-run's metrics.jsonl equals the uninterrupted one's (wall-clock fields aside). The model and optimiser states are
-the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks
+run's metrics.jsonl equals the uninterrupted one's (wall-clock fields aside). The model and
+optimiser states are the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks
 loads on any number of ranks, with or without expert parallelism; data positions, RNG states and
 model states are per rank and are restored exactly when the world size is unchanged (with another
 world size each rank starts from rank 0's data position with a fresh state, and says so).
@@ -100,7 +100,12 @@ def default_out_dir(preset: str, env: DistEnv) -> Path:
 
 def with_corpus_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
     if cfg.model.vocab_size != vocab_size:
-        cfg.model = moe_models.get_config(cfg.model, vocab_size=vocab_size)
+        try:
+            cfg.model = moe_models.get_config(cfg.model, vocab_size=vocab_size)
+        except ValueError as e:
+            raise CLIError(
+                f"model config with the data's vocabulary of {vocab_size}: {e}"
+            ) from None
     return cfg
 
 
@@ -550,13 +555,15 @@ class Trainer:
         bad = self.nonfinite.read(self.env)
         if bad is None:
             return
-        good = ckpt.latest(self.out_dir)
-        kept = f"the last checkpoint, {good}, is intact" if good else "no checkpoint was written"
         raise CLIError(
             f"training diverged: the loss or gradient norm is not finite at step {bad} (found at "
-            f"step {self.step}; nothing from step {bad} on was logged or saved, {kept}); try a "
-            "lower train.lr or train.grad_clip"
+            f"step {self.step}; nothing from step {bad} on was logged or saved, {self._kept()}); "
+            "try a lower train.lr or train.grad_clip"
         )
+
+    def _kept(self) -> str:
+        good = ckpt.latest(self.out_dir)
+        return f"the last checkpoint, {good}, is intact" if good else "no checkpoint was written"
 
     def save(self, is_best: bool = False) -> None:
         self.check_finite()
@@ -621,8 +628,8 @@ class Trainer:
         )
         if not math.isfinite(loss):
             raise CLIError(
-                f"training diverged: the validation loss at step {self.step} is {loss}; "
-                f"the last checkpoint is {ckpt.latest(self.out_dir)}"
+                f"training diverged: the validation loss at step {self.step} is {loss} "
+                f"(nothing of step {self.step} was saved, {self._kept()})"
             )
         return loss
 
