@@ -114,16 +114,16 @@ def _load_weights(model: torch.nn.Module, path: Path, prefix: str) -> None:
         weights = safetensors.torch.load_file(str(path))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"{path} cannot be read ({reason[:160]})") from None
+        raise CLIError(f"{path} cannot be read ({reason})") from None
     if prefix:
         weights = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
     own = model.state_dict()
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+    except RuntimeError:
         raise CLIError(
-            f"{path} does not fit the model of its config.json ({first[:160]})"
+            f"{path} does not fit the model of its config.json: "
+            f"{ckpt.describe_mismatch(model, weights)}"
         ) from None
     loaded_storage = {own[k].data_ptr() for k in weights if k in own}
     missing = [k for k in missing if own[k].data_ptr() not in loaded_storage]
