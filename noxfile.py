@@ -35,7 +35,9 @@ def tests(session: nox.Session, package: str) -> None:
         sync(session, "--all-packages", "--group", "dev")
         session.run("pytest", "tests", *session.posargs, env=CI_ENV)
         return
-    sync(session, "--package", f"moe-{package}", "--group", "test")
+    # the optional extras too (transformers, lm-eval): their tests skip only where they are absent
+    extras = {"models": ["--extra", "hf"], "train": ["--extra", "eval", "--extra", "hf"]}
+    sync(session, "--package", f"moe-{package}", "--group", "test", *extras.get(package, []))
     session.run(
         "pytest",
         f"packages/{package}/tests",
@@ -49,7 +51,7 @@ def tests(session: nox.Session, package: str) -> None:
 @nox.session
 def kernels(session: nox.Session) -> None:
     """Triton kernels executed on the CPU by the Triton interpreter (tiny shapes)."""
-    sync(session, "--package", "moe-kernels", "--group", "test")
+    sync(session, "--package", "moe-kernels", "--group", "test", "--extra", "triton")
     env = {**CI_ENV, "TRITON_INTERPRET": "1"}
     session.run("pytest", "packages/kernels/tests", "-m", "triton", *session.posargs, env=env)
 
