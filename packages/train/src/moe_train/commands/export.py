@@ -63,7 +63,7 @@ def export_hf(loaded, out: Path) -> None:
     except ImportError as e:
         raise CLIError(
             f"--format hf needs transformers ({e.name} cannot be imported): "
-            "pip install 'moe-models[hf]'"
+            "pip install 'moe-train[hf]'"
         ) from None
     wrapper = MoEForCausalLM.from_moe_model(loaded.model, plugins=loaded.plugins)
     wrapper.config.moe_source = source_record(loaded)
