@@ -263,3 +263,13 @@ def test_an_unwritable_out_folder_is_one_line(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
     rc, _, err = cli.train(tmp_path / "r", "--max-steps", "1")
     cli.assert_one_line_error(rc, err, str(tmp_path / "r"), "not writable")
+
+
+def test_a_warmup_longer_than_the_run_is_allowed_with_a_note(cli, tmp_path):
+    rc, _, err = cli.train(tmp_path / "r", "--max-steps", "2", "train.warmup_steps=5")
+    assert rc == 0, err
+    assert "note: train.warmup_steps=5 exceeds train.max_steps=2" in err
+    rc, _, err = cli(
+        "train", "--out", tmp_path / "r", "--resume", "--max-steps", "3", "--no-progress"
+    )
+    assert rc == 0 and "warmup" not in err, err
