@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BUDGETS = {"kernels": 100, "cupy": 15, "layers": 45, "models": 60, "compile": 90, "bench": 150}
+BUDGETS = {"kernels": 90, "cupy": 15, "layers": 45, "models": 60, "compile": 75, "bench": 150}
 GPU_SHAPES = [
     (32768, 512, 128, 128, 4),
     (32768, 1024, 32, 128, 4),
@@ -114,7 +114,8 @@ def _case_inputs(case, dtype, device, kind, seed):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
 
     idx = torch.rand(T, used, generator=gen).argsort(dim=1)[:, :K].to(device)
-    gates = torch.rand(T, K, generator=gen, dtype=torch.float64) * (torch.rand(T, K) > 0.2)
+    kept = torch.rand(T, K, generator=gen) > 0.2  # dropped slots, as capacity limits make
+    gates = torch.rand(T, K, generator=gen, dtype=torch.float64) * kept
     gates = gates.to(device, dtype)
     if kind == "mlp":
         return dict(
@@ -403,7 +404,7 @@ def _bench_shape(results: dict, shape, device, dtype, repeats):
         "grouped_mm": (lambda x, a, b: _grouped_mm_mlp(x, a, b, idx, gates), (inp["w1"], inp["w2"])),
     }  # fmt: skip
     fns = {name: _fwd_bwd(fn, inp["x"], ws) for name, (fn, ws) in impls.items()}
-    scatter = _scattermoe_mlp(D, G, E, K, device, dtype)
+    scatter, note = _scattermoe_mlp(D, G, E, K, device, dtype), ""
     if scatter is not None:
         x = inp["x"].detach().requires_grad_()
 
@@ -411,12 +412,17 @@ def _bench_shape(results: dict, shape, device, dtype, repeats):
             y = scatter(x, gates, idx)
             y.backward(torch.ones_like(y))
 
-        fns["scattermoe"] = scatter_step
+        try:  # its API may differ between versions: a failure costs only its own column
+            scatter_step()
+            fns["scattermoe"] = scatter_step
+        except Exception as e:
+            note = f"  scattermoe failed: {type(e).__name__}: {e}"
     times = _time_cuda(fns, repeats, device)
     flops = 3 * 4 * T * K * D * G
     results[shape] = times
     return {
-        "detail": "  ".join(f"{n} {ms:.3g} ms {flops / ms / 1e9:.3g} TFLOP/s" for n, ms in times.items()),
+        "detail": "  ".join(f"{n} {ms:.3g} ms {flops / ms / 1e9:.3g} TFLOP/s" for n, ms in times.items())
+        + note,
         **{f"{n}_ms": ms for n, ms in times.items()},
         "x_dense": times["expert_mlp"] / times["dense_flops"],
     }  # fmt: skip

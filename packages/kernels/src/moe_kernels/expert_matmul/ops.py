@@ -30,7 +30,6 @@ summed back into token order.
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels.expert_matmul.activations import activate, activate_backward
@@ -249,9 +248,9 @@ def _mlp_body(
     gs_N1 = be.row_gates(gates_TK)
     xs = be.take_tokens(x_TD, zero_pads=False)  # pads meet zero gates before any output
     h_NG = be.mm(xs, w1_EDG)
-    ag_NG = activate(activation, h_NG) * gs_N1
-    out_TD = be.sum_slots(be.mm(Rows(ag_NG), w2_EGD))
-    hidden_NG = F.relu(h_NG) if activation == "relu" else h_NG
+    a_NG = activate(activation, h_NG)
+    out_TD = be.sum_slots(be.mm(Rows(a_NG * gs_N1), w2_EGD))
+    hidden_NG = a_NG if activation == "relu" else h_NG
     return out_TD, *routing, be.compact(hidden_NG)
 
 
