@@ -6,6 +6,8 @@ with --quick) compiled with torch.compile, all four steps timed round-robin (ben
 Rows: step time per model and mode and `x_dense`, the σ-MoE step time over the dense one in the
 same mode (target: at most 0.70; their FLOPs per token are in `mflops_per_token`). The compiled
 rows record their compile time (the first call); a compile that fails gives a row with its error.
+On the shared 2-core machine (load 8-9) the first compile had not finished after 7 minutes, so
+there only `--quick` (eager) has been run.
 """
 
 from __future__ import annotations

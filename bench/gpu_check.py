@@ -54,7 +54,7 @@ KERNEL_CASES = [
     (513, 128, 96, 8, 8, 8, False),
     (1000, 72, 40, 12, 3, 12, True),
 ]
-SMOKE_KERNEL_CASES = KERNEL_CASES[:4]
+SMOKE_KERNEL_CASES = [*KERNEL_CASES[:3], (40, 12, 20, 6, 2, 3, True)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATIONS = ("relu", "gelu", "silu")
 
