@@ -97,7 +97,12 @@ def test_finetune_learns_a_task_and_writes_a_checkpoint(cli, run_dir, tmp_path):
     assert rc == 0, err
     result = json.loads(stdout)
     assert result["accuracy"] == 1.0 and result["n"] == 8
-    assert json.loads((out / "finetune.json").read_text()) == result
+    saved = json.loads((out / "finetune.json").read_text())
+    assert {k: saved[k] for k in result} == result
+    assert saved["options"]["max_steps"] == 40 and saved["options"]["lr"] == 3e-3
+    steps = [r["step"] for r in cli.metrics(out) if "train_loss" in r]
+    assert steps == list(range(5, 45))
+    assert json.loads((out / "config.json").read_text())["model"]["d_model"] == 32
     assert ckpt.load(out)["step"] == 4 + 40
 
 

@@ -53,7 +53,6 @@ def gshard_run(tmp_path_factory):
         (["eval", "/nonexistent/step-1.pt"], ["/nonexistent/step-1.pt"]),
         (["info", "--preset", "nope"], ["nope"]),
         (["frobnicate"], ["frobnicate"]),
-        ([], []),
     ],
 )
 def test_bad_arguments(cli, argv, needles):
