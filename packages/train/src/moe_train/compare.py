@@ -479,7 +479,8 @@ def _torchrun(run: Run, run_dir: Path, spec: Spec, resume: bool, tensorboard: bo
     argv += ["--resume"] if resume else ["--config", str(config_file)]
     if not tensorboard:
         argv.append("--no-tensorboard")
-    done = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # torchrun's own default, without its warning; a thread count the user set is kept
+    done = subprocess.run(argv, env={"OMP_NUM_THREADS": "1", **os.environ})
     if done.returncode != 0:
         raise CLIError(f"run {run.folder}: torchrun exited with code {done.returncode}")
     latest = ckpt.latest(run_dir)
