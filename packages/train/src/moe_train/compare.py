@@ -154,7 +154,8 @@ def twin_name(name: str, match: str) -> str:
 
 
 def parse_twins(value, source: str) -> list[str]:
-    """ "params", "compute", "params,compute", a list of those, or ""/[] for none."""
+    """The dense twins `value` asks for: "params", "compute", "params,compute", a list of
+    those, or "" / [] for none."""
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -210,9 +211,10 @@ SPEC_TYPES = {
 
 
 def load_sweep(path: str | Path) -> dict:
-    """A sweep file's contents, checked: the keys of `Spec` (seeds, twins, overrides, data, ...),
-    `out`, and `[[runs]]` tables of preset, name, overrides, twins. Returns {"entries": [...],
-    "twins": {...}, field: value} for `build_spec`."""
+    """A sweep file's contents, checked: Spec fields (data, seeds, overrides, ...), `twins`
+    (the default of every run), `out`, and `[[runs]]` tables of preset, name, overrides, twins.
+    Returns {"entries": [{name, preset, overrides, twins}], "out": ..., FIELD: value}, the
+    entries and fields for `build_spec`."""
     import tomllib
 
     path = Path(path)
@@ -567,6 +569,7 @@ def evaluate_run(run: Run, run_dir: Path, spec: Spec) -> dict:
     points, wall = curves(records, tokens_per_step)
     counts = sizes(cfg)
     steps = int(payload["step"])
+    flops_per_step = tokens_per_step * counts["flops_per_token"] * BACKWARD_FACTOR
     result = {
         "name": run.entry.name,
         "preset": run.entry.preset,
@@ -578,23 +581,14 @@ def evaluate_run(run: Run, run_dir: Path, spec: Spec) -> dict:
         "seq_len": cfg.model.seq_len,
         "steps": steps,
         "tokens_per_step": tokens_per_step,
-        "train_flops": steps * tokens_per_step * counts["flops_per_token"] * BACKWARD_FACTOR,
+        "train_flops": steps * flops_per_step,
         "wall_s": wall,
         "tokens_per_s": steps * tokens_per_step / wall if wall > 0 else None,
         **level_metrics("valid", final[-1]["valid_loss"], corpus.level),
         **level_metrics("test", test_loss, corpus.level),
         "priming": None,
         "routing": routing_summary(records),
-        "curve": [
-            {
-                **p,
-                "train_flops": p["step"]
-                * tokens_per_step
-                * counts["flops_per_token"]
-                * BACKWARD_FACTOR,
-            }
-            for p in points
-        ],
+        "curve": [{**p, "train_flops": p["step"] * flops_per_step} for p in points],
         "config": cfg.to_dict(),
     }
     if spec.task is not None:
