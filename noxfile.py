@@ -35,8 +35,11 @@ def tests(session: nox.Session, package: str) -> None:
         sync(session, "--all-packages", "--group", "dev")
         session.run("pytest", "tests", *session.posargs, env=CI_ENV)
         return
-    # the optional extras too (transformers, lm-eval): their tests skip only where they are absent
-    extras = {"models": ["--extra", "hf"], "train": ["--extra", "eval", "--extra", "hf"]}
+    # the optional extras too (transformers, lm-eval, matplotlib): their tests skip only where absent
+    extras = {
+        "models": ["--extra", "hf"],
+        "train": ["--extra", "eval", "--extra", "hf", "--extra", "plots"],
+    }
     sync(session, "--package", f"moe-{package}", "--group", "test", *extras.get(package, []))
     session.run(
         "pytest",
