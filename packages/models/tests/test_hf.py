@@ -74,3 +74,24 @@ def test_padding_is_refused(small, tmp_path):
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="attention_mask"):
         theirs(tokens, attention_mask=mask)
+
+
+def test_beam_search_with_the_cache_equals_recomputing(small, tmp_path):
+    """Beam search reorders the cache (MoEState.reorder_cache); without a cache every step reads
+    the whole text again, which inside the context is the same model."""
+    _, theirs = saved(small, tmp_path, "decoder")
+    prompt = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(1))
+    options = dict(max_new_tokens=6, num_beams=3, do_sample=False, num_return_sequences=2)
+    cached = theirs.generate(prompt, **options)
+    recomputed = theirs.generate(prompt, use_cache=False, **options)
+    assert torch.equal(cached, recomputed)
+
+
+def test_the_state_follows_batch_reordering():
+    state = hf.MoEState([torch.arange(6.0).view(3, 2, 1)], seen=2)
+    state.reorder_cache(torch.tensor([2, 0, 1]))
+    assert state.state[0][:, 0, 0].tolist() == [4.0, 0.0, 2.0]
+    state.batch_repeat_interleave(2)
+    assert state.state[0][:, 0, 0].tolist() == [4.0, 4.0, 0.0, 0.0, 2.0, 2.0]
+    state.batch_select_indices(torch.tensor([1, 4]))
+    assert state.state[0][:, 0, 0].tolist() == [4.0, 2.0] and state.get_seq_length() == 2

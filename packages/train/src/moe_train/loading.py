@@ -52,10 +52,6 @@ class Loaded:
     def config(self):
         return self.model.config
 
-    @property
-    def level(self) -> str | None:
-        return None if self.vocab is None else self.vocab.level
-
 
 def run_folder(checkpoint: Path) -> Path:
     """RUN for RUN/checkpoints/step-N.pt (a checkpoint elsewhere: its own folder)."""
