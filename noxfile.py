@@ -53,10 +53,18 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def kernels(session: nox.Session) -> None:
-    """Triton kernels executed on the CPU by the Triton interpreter (tiny shapes)."""
+    """Triton kernels executed on the CPU by the Triton interpreter (tiny shapes); then the host
+    reads of the layers' and models' training steps with their experts on those kernels."""
     sync(session, "--package", "moe-kernels", "--group", "test", "--extra", "triton")
     env = {**CI_ENV, "TRITON_INTERPRET": "1"}
     session.run("pytest", "packages/kernels/tests", "-m", "triton", *session.posargs, env=env)
+    # the Triton interpreter needs numpy, which moe-models' test group lacks: the dev group
+    sync(session, "--all-packages", "--group", "dev")
+    host_reads = [
+        "packages/layers/tests/test_host_reads.py",
+        "packages/models/tests/test_host_reads.py",
+    ]
+    session.run("pytest", *host_reads, "-m", "triton", *session.posargs, env=env)
 
 
 @nox.session

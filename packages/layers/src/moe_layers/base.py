@@ -111,6 +111,44 @@ def check_at_most(config, name: str, limit: int, limit_name: str) -> None:
         raise ValueError(f"{name} must be at most {limit_name} ({limit}), got {value!r}")
 
 
+def count_ids(ids: Tensor, n: int, keep: Tensor | None = None) -> Tensor:
+    """[n] int64: how often each id in [0, n) occurs in `ids` (any shape), the entries where
+    `keep` (same shape, bool) is False left out.
+
+    A scatter_add into n slots rather than bincount, which reads the largest id back to the host
+    to size its output (a synchronisation on CUDA, a graph break under torch.compile).
+    """
+    flat = ids.reshape(-1).long()
+    ones = torch.ones_like(flat) if keep is None else keep.reshape(-1).long()
+    return flat.new_zeros(n).scatter_add(0, flat, ones)
+
+
+def check_id_range(
+    ids: Tensor, upper: int, name: str, upper_name: str, asynchronous: bool | None = None
+) -> None:
+    """Every entry of the integer tensor `ids` in [0, upper).
+
+    Eager: a ValueError naming `name`, `upper_name` and the values found, which reads two values
+    back. Asynchronous: one torch._assert_async, which the host does not wait for: it fails on
+    the device (a device-side assert on CUDA, a RuntimeError on the CPU) without a
+    synchronisation or a graph break. asynchronous=None: eager for CPU tensors outside
+    torch.compile (where the reads wait for nothing), asynchronous otherwise.
+    """
+    if ids.numel() == 0:
+        return
+    if asynchronous is None:
+        asynchronous = ids.device.type != "cpu" or torch.compiler.is_compiling()
+    if asynchronous:
+        ok = ((ids >= 0) & (ids < upper)).all()
+        torch._assert_async(ok, f"{name} must lie in [0, {upper_name}={upper})")
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(
+            f"{name} must lie in [0, {upper_name}={upper}), got values in [{lo}, {hi}]"
+        )
+
+
 @dataclass(frozen=True)
 class ParameterCount:
     """total: parameters of the layer (a tied one counted once); active: those one token's output
@@ -334,7 +372,8 @@ class MoEModule(ConfiguredModule):
             entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
         self._routing_stats = RoutingStats(
             expert_counts=expert_counts.detach(),
-            n_tokens=int(n_tokens),
+            # not int(): under torch.compile that would specialise the graph to this token count
+            n_tokens=n_tokens,
             dropped_count=torch.as_tensor(dropped, device=expert_counts.device).detach(),
             entropy_nats=entropy,
         )
@@ -417,7 +456,8 @@ class LinearRouter(Router):
 def reference_expert_mlp(
     x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation: str, hidden_dropout: float = 0.0
 ) -> Tensor:
-    """Readable reference of the expert computation: a loop over experts.
+    """Readable reference of the expert computation: a loop over experts. It reads the device
+    (nonzero per expert), as the references may; the fast path (moe_kernels) does not.
 
     y[t] = sum_k gates[t, k] * dropout(act(x[t] @ w1[idx[t, k]])) @ w2[idx[t, k]].
     `hidden_dropout` > 0 applies (training-mode) dropout to the expert hidden activations.

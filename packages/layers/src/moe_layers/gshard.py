@@ -29,6 +29,7 @@ from moe_layers.base import (
     check_positive_or_none,
     check_probabilities,
     check_sizes,
+    count_ids,
     routed_parameter_count,
 )
 
@@ -126,7 +127,7 @@ def gshard_balance_loss(probs_TE: Tensor, idx_TK: Tensor) -> Tensor:
     Equals 1 for perfectly uniform gates and assignments; only the mean gate carries gradient.
     """
     n_experts = probs_TE.shape[-1]
-    frac_E = torch.bincount(idx_TK[:, 0], minlength=n_experts).to(probs_TE.dtype)
+    frac_E = count_ids(idx_TK[:, 0], n_experts).to(probs_TE.dtype)
     frac_E = frac_E / probs_TE.shape[0]
     return n_experts * (probs_TE.mean(0) * frac_E).sum()
 

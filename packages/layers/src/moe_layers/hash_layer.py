@@ -20,9 +20,11 @@ from moe_layers.base import (
     Router,
     Routing,
     check_choice,
+    check_id_range,
     check_option,
     check_probabilities,
     check_sizes,
+    count_ids,
     is_int,
     routed_parameter_count,
 )
@@ -58,13 +60,9 @@ class HashRouter(Router):
                 "ids of shape x.shape[:-1]"
             )
         ids_T = token_ids_T.long()
-        if ids_T.numel() and (int(ids_T.min()) < 0 or int(ids_T.max()) >= self.vocab_size):
-            raise ValueError(
-                f"token_ids must lie in [0, vocab_size={self.vocab_size}), "
-                f"got values in [{int(ids_T.min())}, {int(ids_T.max())}]"
-            )
+        check_id_range(ids_T, self.vocab_size, "token_ids", "vocab_size")
         idx_TK = self.table[ids_T][:, None]
-        counts_E = torch.bincount(idx_TK[:, 0], minlength=self.n_experts)
+        counts_E = count_ids(idx_TK, self.n_experts)
         return Routing(idx_TK, x_TD.new_ones(idx_TK.shape), counts_E)
 
 

@@ -29,6 +29,7 @@ from moe_layers.base import (
     check_at_most,
     check_choice,
     check_sizes,
+    count_ids,
 )
 
 PKM_ACTIVATIONS = ("softmax", "relu")
@@ -179,9 +180,7 @@ class PKM(MoEModule):
             weights_TN = torch.softmax(scores_TN, dim=-1)
         else:
             weights_TN = F.relu(scores_TN)
-        self.record_routing_stats(
-            torch.bincount(idx_TN.flatten(), minlength=c.n_keys**2), n_tokens=T
-        )
+        self.record_routing_stats(count_ids(idx_TN, c.n_keys**2), n_tokens=T)
         if c.impl == "reference":
             return (weights_TN.unsqueeze(-1) * self.values[idx_TN]).sum(1)
         return F.embedding_bag(

@@ -26,6 +26,7 @@ from moe_layers.base import (
     check_non_negative,
     check_probabilities,
     check_sizes,
+    count_ids,
     routed_parameter_count,
 )
 
@@ -42,7 +43,9 @@ def negative_batch_entropy(logits_TE: Tensor) -> Tensor:
     """
     dtype = torch.promote_types(logits_TE.dtype, torch.float32)
     log_p_TE = torch.log_softmax(logits_TE.to(dtype), dim=-1)
-    log_mean_E = torch.logsumexp(log_p_TE, dim=0) - math.log(logits_TE.shape[0])
+    # log T as a tensor: math.log of the token count would specialise a compiled graph to it
+    n_tokens = torch.full((), logits_TE.shape[0], dtype=dtype, device=logits_TE.device)
+    log_mean_E = torch.logsumexp(log_p_TE, dim=0) - n_tokens.log()
     return (log_mean_E.exp() * log_mean_E).sum()
 
 
@@ -61,10 +64,10 @@ def sigmoid_topk(
     idx_TK = scores_TE.topk(k, dim=-1, sorted=False).indices
     gates_TK = torch.sigmoid(gate_logits_TE.gather(1, idx_TK))
     if drop_mask_TE is None:
-        return idx_TK, gates_TK, torch.bincount(idx_TK.flatten(), minlength=n_experts)
+        return idx_TK, gates_TK, count_ids(idx_TK, n_experts)
     removed_TK = drop_mask_TE.gather(1, idx_TK)
     gates_TK = gates_TK.masked_fill(removed_TK, 0.0)
-    return idx_TK, gates_TK, torch.bincount(idx_TK[~removed_TK], minlength=n_experts)
+    return idx_TK, gates_TK, count_ids(idx_TK, n_experts, keep=~removed_TK)
 
 
 class SigmoidTopKRouter(LinearRouter):

@@ -39,6 +39,7 @@ from moe_layers.base import (
     check_option,
     check_probabilities,
     check_sizes,
+    count_ids,
     is_finite,
     routed_parameter_count,
 )
@@ -245,7 +246,7 @@ class SMoE(MoEModule):
         w_ELL, b_EL = causal_mix(self.weight, self.bias, length)
         if c.routing == "deterministic":
             y_BLD = self._deterministic(x_BLD, w_ELL, b_EL)
-            chunks = torch.full((c.n_experts,), x_BLD.shape[0], dtype=torch.long)
+            chunks = torch.full((c.n_experts,), x_BLD.shape[0], dtype=torch.long, device=x.device)
             self.record_routing_stats(chunks, x_BLD.shape[0] * length)
         else:
             y_BLD = self._learned(x_BLD, w_ELL, b_EL)
@@ -272,7 +273,7 @@ class SMoE(MoEModule):
         probs_BDE = torch.softmax(logits_BDE.float(), dim=-1).to(x_BLD.dtype)
         e_BD = probs_BDE.detach().argmax(-1)
         g_BD = probs_BDE.gather(-1, e_BD[..., None]).squeeze(-1)
-        counts_E = torch.bincount(e_BD.flatten(), minlength=n_experts)
+        counts_E = count_ids(e_BD, n_experts)
         self.record_routing_stats(
             counts_E, x_BLD.shape[0] * x_BLD.shape[1], probs_BDE.reshape(-1, n_experts)
         )

@@ -28,6 +28,7 @@ from moe_layers.base import (
     check_positive_or_none,
     check_probabilities,
     check_sizes,
+    count_ids,
     is_finite,
     routed_parameter_count,
 )
@@ -60,7 +61,7 @@ def switch_balance_loss(probs_TE: Tensor, idx_T: Tensor, variant: str) -> Tensor
     "csordas": mean over tokens and experts of p_te * f_e = sum_e f_e P_e / E, the authors' code.
     """
     n_experts = probs_TE.shape[-1]
-    f_E = torch.bincount(idx_T, minlength=n_experts).to(probs_TE.dtype) / idx_T.shape[0]
+    f_E = count_ids(idx_T, n_experts).to(probs_TE.dtype) / idx_T.shape[0]
     dot = (f_E * probs_TE.mean(0)).sum()
     return n_experts * dot if variant == "switch" else dot / n_experts
 
@@ -102,7 +103,7 @@ class SwitchRouter(LinearRouter):
             logits_TE, dim=-1, dtype=torch.promote_types(logits_TE.dtype, torch.float32)
         )
         gate_T, idx_T = probs_TE.max(dim=-1)
-        counts_E = torch.bincount(idx_T, minlength=self.n_experts)
+        counts_E = count_ids(idx_T, self.n_experts)
         dropped = 0
         capacity = self.capacity(T)
         if capacity is not None:
