@@ -45,8 +45,10 @@ class TrainConfig:
     (0: the whole validation split). expert_parallel shards the experts of every routed layer over
     the ranks of a torchrun run (moe_layers.ExpertParallel; a no-op on one process).
     skip_memory_check turns off the memory preflight (moe_train.memory), for when its estimate
-    is known to be too pessimistic. Defaults are sized so that `moe-train train` on the tiny
-    σ-MoE preset finishes in a few minutes on two CPU cores.
+    is known to be too pessimistic. compile runs the model through torch.compile (compiled in
+    place, so checkpoints keep the plain model's parameter names and load without it). Defaults
+    are sized so that `moe-train train` on the tiny σ-MoE preset finishes in a few minutes on two
+    CPU cores.
     """
 
     max_steps: int = 1000
@@ -73,6 +75,7 @@ class TrainConfig:
     device: str = "auto"
     expert_parallel: bool = False
     skip_memory_check: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         """Raise a CLIError naming the first option whose value is out of range or not finite."""

@@ -418,6 +418,11 @@ class Trainer:
             load_model_state(model, payload)
         if self.expert_parallel:
             shard_experts(model, self.env.world_size)
+        if self.cfg.train.compile:
+            # in place (nn.Module.compile): the module and its state-dict keys stay the plain
+            # model's (no `_orig_mod.`), so checkpoints load compiled or not; graph breaks are
+            # allowed for layers of plugins (and ExpertParallel's exchange, sized on the host)
+            model.compile()
         return model
 
     def _build_batches(self) -> Batches:

@@ -92,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         const=True,
         help="shard the experts over the torchrun ranks (= train.expert_parallel=true)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="run the model through torch.compile (= train.compile=true)",
+    )
     p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>)")
     p.add_argument(
         "--resume",
@@ -119,6 +125,7 @@ def flag_fields(args) -> dict:
     fields = {name: getattr(args, name) for name in TRAIN_FLAGS}
     fields["precision"] = args.precision
     fields["expert_parallel"] = args.expert_parallel
+    fields["compile"] = args.compile
     return fields
 
 
