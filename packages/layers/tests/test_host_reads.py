@@ -12,12 +12,11 @@ the experts through the Triton kernels (the path CUDA takes) under TRITON_INTERP
 them.
 """
 
-import functools
 import os
 
-import moe_kernels
 import pytest
 import torch
+from moe_kernels.testing import force_backend
 from moe_layers import (
     PKM,
     BaseLayer,
@@ -101,10 +100,7 @@ def triton_experts(monkeypatch):
     """The layers' expert calls forced onto the Triton kernels, the path CUDA takes."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    for name in ("expert_mlp", "expert_matmul"):
-        monkeypatch.setattr(
-            moe_kernels, name, functools.partial(getattr(moe_kernels, name), backend="triton")
-        )
+    force_backend(monkeypatch, "triton")
 
 
 @pytest.mark.triton

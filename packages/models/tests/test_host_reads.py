@@ -12,13 +12,12 @@ reads the host); the `triton` versions force the experts onto the Triton kernels
 TRITON_INTERPRET=1 and enter them.
 """
 
-import functools
 import os
 
-import moe_kernels
 import moe_models
 import pytest
 import torch
+from moe_kernels.testing import force_backend
 from moe_layers import BaseLayer, HashLayer
 from moe_layers.testing import CONVERGED, HostReads, auction_read_bounds
 
@@ -80,10 +79,7 @@ def triton_experts(monkeypatch):
     """The experts' kernel calls forced onto the Triton kernels, the path CUDA takes."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    for fn in ("expert_mlp", "expert_matmul"):
-        monkeypatch.setattr(
-            moe_kernels, fn, functools.partial(getattr(moe_kernels, fn), backend="triton")
-        )
+    force_backend(monkeypatch, "triton")
 
 
 @pytest.mark.triton

@@ -18,6 +18,8 @@ With into_ops=False the moe_kernels ops are not entered: on CPU tensors a layer'
 code can then be checked while its experts run the CPU fast path.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -131,3 +133,15 @@ class HostReads(TorchDispatchMode):
         if not self.quiet and reads_host(func, args, kwargs):
             self.ops.append(str(func))
         return func(*args, **kwargs)
+
+
+def force_backend(monkeypatch, backend: str) -> None:
+    """Every later call of moe_kernels.expert_mlp and moe_kernels.expert_matmul through the module
+    (as the layers call them) takes `backend`, e.g. "triton" on CPU tensors under
+    TRITON_INTERPRET=1: the path CUDA takes. `monkeypatch` is pytest's fixture, which undoes it
+    after the test."""
+    import moe_kernels
+
+    for name in ("expert_mlp", "expert_matmul"):
+        fn = getattr(moe_kernels, name)
+        monkeypatch.setattr(moe_kernels, name, functools.partial(fn, backend=backend))
