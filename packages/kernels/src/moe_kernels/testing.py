@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import moe_kernels
 from moe_kernels.library import BODIES, NAMESPACE
 
 aten = torch.ops.aten
@@ -140,8 +141,6 @@ def force_backend(monkeypatch, backend: str) -> None:
     (as the layers call them) takes `backend`, e.g. "triton" on CPU tensors under
     TRITON_INTERPRET=1: the path CUDA takes. `monkeypatch` is pytest's fixture, which undoes it
     after the test."""
-    import moe_kernels
-
     for name in ("expert_mlp", "expert_matmul"):
         fn = getattr(moe_kernels, name)
         monkeypatch.setattr(moe_kernels, name, functools.partial(fn, backend=backend))
