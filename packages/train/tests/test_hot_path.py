@@ -102,3 +102,22 @@ def test_compiled_training_matches_eager_resumes_and_saves_plain_checkpoints(
     assert not any("_orig_mod" in key for key in payload["model"])
     model = moe_models.build(moe_models.config_from_dict(payload["run_config"]["model"]))
     model.load_state_dict(payload["model"])
+
+
+def test_a_failing_compile_is_one_line_naming_the_flag(cli, tmp_path, monkeypatch):
+    """torch.compile failing (here a backend that raises, as inductor does without a C compiler)
+    ends as one error line and exit code 2, not as the traceback of a bug."""
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler found")
+
+    def compile_failing(self, *args, **kwargs):
+        compile_module(self, *args, backend=failing_backend, **kwargs)
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_failing)
+    rc, _, err = cli.train(tmp_path / "run", "--max-steps", "2", "--compile")
+    assert rc == 2
+    assert err.strip().splitlines()[-1].startswith("error: torch.compile failed: ")
+    assert "no C compiler found" in err and "(run without --compile)" in err
+    assert "Traceback" not in err

@@ -4,7 +4,8 @@ Every user mistake (unknown preset, option or override; an option out of range; 
 corrupt data; unreadable or incompatible checkpoint; a file system error; absent device or too
 little memory) ends as one `error: ...` line on stderr and exit code 2: commands raise CLIError
 (or moe_data.DataError) where they read and check their input. Any other exception is a bug: its
-traceback is printed and the exit code is 1. Set MOE_TRAIN_DEBUG=1 to get the traceback of a user
+traceback is printed and the exit code is 1, except a failure of torch.compile (`--compile`),
+which is one line and exit code 2. Set MOE_TRAIN_DEBUG=1 to get the traceback of a user
 error too.
 
 Each subcommand is a module of `moe_train.commands` with `NAME`, `HELP`, `add_arguments(parser)`
@@ -91,13 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception:
-        # anything else is a bug in moe-train or a library under it: the traceback is the report
+    except Exception as e:
         if os.environ.get("MOE_TRAIN_DEBUG"):
             raise
+        if _from_torch_compile(e):
+            # --compile on a machine torch.compile cannot build for (no C compiler, a broken
+            # cache, an unsupported op): the run works without it
+            print(
+                f"error: torch.compile failed: {_root_cause(e)} (run without --compile)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        # anything else is a bug in moe-train or a library under it: the traceback is the report
         traceback.print_exc()
         print("error: internal error (a bug); the traceback above says where", file=sys.stderr)
         return EXIT_BUG
+
+
+def _from_torch_compile(e: BaseException) -> bool:
+    """Whether the error comes from torch.compile (dynamo or inductor), by the module of its
+    type: importing those modules to name their exceptions would slow every command's start."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def _root_cause(e: BaseException) -> str:
+    """`Type: first line` of the innermost cause: dynamo wraps a backend's error in its own
+    (`inner_exception`), and errors raise others `from` them."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = inner
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 if __name__ == "__main__":
