@@ -28,20 +28,20 @@ HISTORY = ("config.json", "metrics.jsonl", "checkpoints", "tb")
 UNREADABLE_GRACE_S = 5.0
 
 
-def prepare(out_dir: Path) -> None:
+def prepare(out_dir: Path, label: str = "--out") -> None:
     """Create `out_dir` (and its parents); a file in the way or an unwritable place is a
-    CLIError naming it."""
+    CLIError naming it, after `label` (the argument it came from)."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--out {out_dir} is a file, not a folder")
+        raise CLIError(f"{label} {out_dir} is a file, not a folder")
     for parent in out_dir.parents:
         if parent.exists() and not parent.is_dir():
-            raise CLIError(f"--out {out_dir} lies under {parent}, which is a file, not a folder")
+            raise CLIError(f"{label} {out_dir} lies under {parent}, which is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CLIError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
+        raise CLIError(f"{label} {out_dir}: cannot create the folder ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {out_dir} is not writable")
+        raise CLIError(f"{label} {out_dir} is not writable")
 
 
 def _process_start(pid: int) -> int | None:

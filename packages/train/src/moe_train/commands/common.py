@@ -1,4 +1,5 @@
-"""What several subcommands share: the `--plugin` flag (loading models: `moe_train.loading`)."""
+"""What several subcommands share: the `--plugin` flag and the vocabulary `--data` of the commands
+that read a trained model (loading models: `moe_train.loading`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ def add_plugin_flag(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATH_OR_MODULE",
         help="a .py file or module that registers layers (moe_models.register_ffn); repeatable",
+    )
+
+
+def add_vocab_data_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        help="use this data spec's vocabulary instead of the run's tokenizer.json (for runs "
+        "written before runs kept their tokenizer)",
     )
 
 

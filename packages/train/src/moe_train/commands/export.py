@@ -11,11 +11,11 @@ files and a tokenizer_config.json, loadable with `AutoModelForCausalLM` after
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from moe_train.commands.common import add_plugin_flag
+from moe_train import rundir
+from moe_train.commands.common import add_plugin_flag, add_vocab_data_flag
 from moe_train.errors import CLIError
 
 NAME = "export"
@@ -27,11 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="a run directory (its latest checkpoint) or checkpoint file")
     p.add_argument("out", help="the folder to write (new, or empty)")
     p.add_argument("--format", choices=FORMATS, default="plain")
-    p.add_argument(
-        "--data",
-        help="use this data spec's vocabulary instead of the run's tokenizer.json (for runs "
-        "written before runs kept their tokenizer)",
-    )
+    add_vocab_data_flag(p)
     add_plugin_flag(p)
 
 
@@ -49,12 +45,7 @@ def source_record(loaded) -> dict:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"{out} already exists and is not an empty folder; choose another")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"cannot create {out} ({e.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CLIError(f"{out} is not writable")
+    rundir.prepare(out, label="out")
 
 
 def export_hf(loaded, out: Path) -> None:

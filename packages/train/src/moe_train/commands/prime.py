@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from moe_train.commands.common import add_plugin_flag
+from moe_train.commands.common import add_plugin_flag, add_vocab_data_flag
 from moe_train.config import non_negative_int
 from moe_train.errors import CLIError
 
@@ -21,11 +21,7 @@ HELP = "zero/few-shot multiple choice"
 def add_task_arguments(p) -> None:
     p.add_argument("checkpoint", help="a run directory, a checkpoint file or an export folder")
     p.add_argument("--task", required=True, help="task JSONL file")
-    p.add_argument(
-        "--data",
-        help="use this data spec's vocabulary instead of the run's tokenizer.json (for runs "
-        "written before runs kept their tokenizer)",
-    )
+    add_vocab_data_flag(p)
     p.add_argument("--k-shot", type=non_negative_int, default=0, help="demonstrations per prompt")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
