@@ -13,9 +13,8 @@ backend forced) each of these is a device-to-host synchronisation; the Triton pa
 """
 
 import torch
-import torch.nn.functional as F
 
-from moe_kernels.expert_matmul.layout import SortedLayout
+from moe_kernels.expert_matmul.layout import SortedLayout, sum_slot_major
 from moe_kernels.expert_matmul.rows import Rows
 from moe_kernels.routing.naive import Routing
 
@@ -32,21 +31,6 @@ def _grouped_mm_applies(d_in: int, d_out: int, *mats: torch.Tensor) -> bool:
             return False
     size = mats[0].element_size()
     return (d_in * size) % 16 == 0 and (d_out * size) % 16 == 0
-
-
-def sum_slot_major(rows_RX: torch.Tensor, row_of_flat_N: torch.Tensor, n_slots: int):
-    """out[t] = sum over k of rows[row_of_flat[t * K + k]]; [T, X]. On the CPU one embedding_bag
-    (a bag of K rows per token) reads each row once and writes T rows; gathering the N = T * K
-    rows first writes and reads N rows more (3x slower at (T, X, K) = (2048, 256, 4)). It sums
-    a bag in slot order, without atomics. Elsewhere (CUDA: fp64 on the torch backend) the rows
-    are gathered slot by slot ([K, T, X]), so that the sum runs over the outer dim."""
-    if n_slots == 1:
-        return rows_RX.index_select(0, row_of_flat_N)
-    if rows_RX.device.type == "cpu":
-        return F.embedding_bag(row_of_flat_N.view(-1, n_slots), rows_RX, mode="sum")
-    slot_major_N = row_of_flat_N.view(-1, n_slots).t().reshape(-1)
-    rows_KTX = rows_RX.index_select(0, slot_major_N).view(n_slots, -1, rows_RX.shape[1])
-    return rows_KTX.sum(0)
 
 
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E1: torch.Tensor) -> torch.Tensor:
@@ -92,9 +76,6 @@ class GroupedTorchBackend(SortedLayout):
 
     def mm_dw(self, a: Rows, dy: Rows) -> torch.Tensor:
         return grouped_mm_dw(a.materialize(), dy.materialize(), self.routing.offsets_E1)
-
-    def sum_slots(self, rows_NX: torch.Tensor) -> torch.Tensor:
-        return sum_slot_major(rows_NX, self.routing.inverse_N, self.n_slots)
 
 
 class PaddedTorchBackend:

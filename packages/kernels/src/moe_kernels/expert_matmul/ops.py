@@ -16,10 +16,10 @@ for Triton, whose kernels gather inside their loads, so x itself is saved instea
 hidden rows [N, G] of the MLP, N = T * K: the pre-activations, or for relu the activations (whose
 sign gives the same derivative and spares recomputing them). The MLP saves x on every backend and
 gathers it again in the backward: one gather, where saving the gathered rows costs two on the
-padded layout (compacting them, then padding them again). Saved rows are always the N expert-sorted rows
-(the padded layout converts), so every output shape follows from the input shapes and the backend
-name: the fake implementations need no data-dependent size, and dynamo never breaks the graph at
-these ops. A gradient not needed comes back as an empty tensor.
+padded layout (compacting them, then padding them again). Saved rows are always the N
+expert-sorted rows (the padded layout converts), so every output shape follows from the input
+shapes and the backend name: the fake implementations need no data-dependent size, and dynamo
+never breaks the graph at these ops. A gradient not needed comes back as an empty tensor.
 
 Both work on (token, slot) rows in expert-sorted order from the single routing sort to the end:
 the inputs are gathered once, the hidden activations of the MLP stay sorted through both
