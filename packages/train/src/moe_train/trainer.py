@@ -14,10 +14,11 @@ Checkpoints hold everything a resumed run needs to continue bit-for-bit: model, 
 scheduler and grad-scaler states, each rank's data position, RNG states and model state (the
 XL memory), the logging and routing windows and the best validation loss, so that the resumed
 run's metrics.jsonl equals the uninterrupted one's (wall-clock fields aside). The model and
-optimiser states are the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint written by N ranks
-loads on any number of ranks, with or without expert parallelism; data positions, RNG states and
-model states are per rank and are restored exactly when the world size is unchanged (with another
-world size each rank starts from rank 0's data position with a fresh state, and says so).
+optimiser states are the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint
+written by N ranks loads on any number of ranks, with or without expert parallelism; data
+positions, RNG states and model states are per rank and are restored exactly when the world size
+is unchanged (with another world size each rank starts from rank 0's data position with a fresh
+state, and says so).
 """
 
 from __future__ import annotations
