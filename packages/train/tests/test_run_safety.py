@@ -273,3 +273,15 @@ def test_a_warmup_longer_than_the_run_is_allowed_with_a_note(cli, tmp_path):
         "train", "--out", tmp_path / "r", "--resume", "--max-steps", "3", "--no-progress"
     )
     assert rc == 0 and "warmup" not in err, err
+
+
+def test_the_memory_message_counts_a_small_model_readably(tmp_path, monkeypatch):
+    import moe_models
+    from moe_train.config import TrainConfig
+    from moe_train.errors import CLIError
+
+    monkeypatch.setattr(memory, "host_available", lambda: 1)
+    cfg = moe_models.get_config("tiny-dense")
+    with pytest.raises(CLIError, match=r"\(\d+\.\d\dK parameters") as info:
+        memory.preflight(cfg, TrainConfig(), micro_batch=4096, device=torch.device("cpu"))
+    assert "0.00B" not in str(info.value)

@@ -90,6 +90,14 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def _count(n: int) -> str:
+    """A parameter count readable at every size (a tiny model is not "0.00B")."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
 def preflight(model_cfg, train_cfg, micro_batch: int, device: torch.device, expert_shards=1):
     """Raise a one-line CLIError when the estimate exceeds what `device` (and, for CUDA, the
     host) has available."""
@@ -98,7 +106,7 @@ def preflight(model_cfg, train_cfg, micro_batch: int, device: torch.device, expe
     est = estimate(model_cfg, train_cfg, micro_batch, expert_shards)
     hint = "use a smaller model or batch, or train.skip_memory_check=true to try anyway"
     needs = (
-        f"about {_gib(est.total)} ({est.parameters / 1e9:.2f}B parameters: weights, gradients "
+        f"about {_gib(est.total)} ({_count(est.parameters)} parameters: weights, gradients "
         f"and AdamW moments {_gib(est.states)}; activations {_gib(est.activations)})"
     )
     free = device_available(device)
