@@ -60,7 +60,7 @@ def cases(draw, max_T=40, max_d=24, max_E=8, dtypes=DTYPES, aligned=False):
         gated=draw(st.booleans()),
         drop=draw(st.booleans()),
         noncontiguous=draw(st.booleans()),
-        activation=draw(st.sampled_from(["relu", "gelu", "silu"])),
+        activation=draw(st.sampled_from(["relu", "gelu", "silu", "swiglu"])),
     )
 
 
@@ -91,13 +91,17 @@ def make_inputs(case: Case, kind: str, device="cpu") -> dict:
         gates = gates * (torch.rand(case.T, case.K, generator=gen) > 0.3)
     gates = gates.to(device, dt)
     if kind == "mlp":
-        return dict(
+        inputs = dict(
             x=_randn((case.T, case.d_in), gen, dt, nc, device),
             w1=_randn((case.E, case.d_in, case.d_out), gen, dt, nc, device) / case.d_in**0.5,
             w2=_randn((case.E, case.d_out, case.d_in), gen, dt, nc, device) / case.d_out**0.5,
             idx=idx,
             gates=gates,
         )
+        if case.activation == "swiglu":
+            w3 = _randn((case.E, case.d_in, case.d_out), gen, dt, nc, device) / case.d_in**0.5
+            inputs["w3"] = w3
+        return inputs
     x_shape = (case.T, case.K, case.d_in) if case.x_per_slot else (case.T, case.d_in)
     return dict(
         x=_randn(x_shape, gen, dt, nc, device),
@@ -153,7 +157,7 @@ def check_matmul_case(case: Case, backend: str, device="cpu") -> None:
 
 def check_mlp_case(case: Case, backend: str, device="cpu") -> None:
     inputs = make_inputs(case, "mlp", device)
-    names = ["out", "x", "w1", "w2", "gates"]
+    names = ["out", "x", "w1", "w2", "gates"] + (["w3"] if "w3" in inputs else [])
     kw = dict(activation=case.activation)
     fast = outputs_and_grads(moe_kernels.expert_mlp, inputs, case.seed, backend=backend, **kw)
     ref = outputs_and_grads(moe_kernels.expert_mlp_naive, _rename(inputs), case.seed, **kw)
@@ -164,14 +168,17 @@ def check_mlp_case(case: Case, backend: str, device="cpu") -> None:
 
 
 def _rename(inputs: dict) -> dict:
-    """expert_mlp_naive spells its arguments with shape suffixes."""
-    return dict(
+    """expert_mlp_naive spells its arguments with shape suffixes (and in the same order)."""
+    renamed = dict(
         x_TD=inputs["x"],
         w1_EDG=inputs["w1"],
         w2_EGD=inputs["w2"],
         idx_TK=inputs["idx"],
         gates_TK=inputs["gates"],
     )
+    if "w3" in inputs:
+        renamed["w3_EDG"] = inputs["w3"]
+    return renamed
 
 
 @pytest.fixture(scope="session")

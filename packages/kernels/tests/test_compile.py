@@ -34,6 +34,10 @@ def _mlp(x, w1, w2, idx, gates):
     return moe_kernels.expert_mlp(torch.tanh(x), w1, w2, idx, gates, "gelu") * 2
 
 
+def _swiglu(x, w1, w2, idx, gates):
+    return moe_kernels.expert_mlp(x, w1, w2, idx, gates, "swiglu", w3=w1.flip(2) * 0.5)
+
+
 def _matmul(x, w1, w2, idx, gates):
     y_TKG = moe_kernels.expert_matmul(x.unsqueeze(1).expand(-1, K, -1), w1, idx)
     return moe_kernels.expert_matmul(torch.relu(y_TKG), w2, idx, gates)
@@ -58,7 +62,7 @@ def _check_against_eager(fn, compile_backend, token_counts=(7, 11, 13), dynamic=
     return counter.frame_count
 
 
-@pytest.mark.parametrize("fn", [_mlp, _matmul])
+@pytest.mark.parametrize("fn", [_mlp, _swiglu, _matmul])
 def test_fullgraph_compile_matches_eager(fn):
     # the first call compiles for static shapes, the second recompiles with T dynamic, then none
     assert _check_against_eager(fn, "aot_eager") <= 2
@@ -82,8 +86,9 @@ def test_dynamo_sees_the_ops_without_graph_break(fn):
 
 
 OPCHECKS = [
-    (expert_mlp_op, lambda x, w1, w2, idx, g: (x, w1, w2, idx, g, "silu", "torch_padded")),
-    (expert_mlp_op, lambda x, w1, w2, idx, g: (x, w1, w2, idx, g, "relu", "torch_grouped")),
+    (expert_mlp_op, lambda x, w1, w2, idx, g: (x, w1, w2, None, idx, g, "silu", "torch_padded")),
+    (expert_mlp_op, lambda x, w1, w2, idx, g: (x, w1, w2, None, idx, g, "relu", "torch_grouped")),
+    (expert_mlp_op, lambda x, w1, w2, idx, g: (x, w1, w2, w1.flip(0), idx, g, "swiglu", "torch")),
     (expert_matmul_op, lambda x, w1, w2, idx, g: (x, w1, idx, g, "torch")),
     (
         expert_matmul_op,
@@ -113,6 +118,7 @@ def test_op_registrations(op, make_args):
 def test_op_registrations_on_the_triton_path(op):
     x, w1, w2, idx, gates = _inputs(6)
     if op is expert_mlp_op:
-        _opcheck(op, (x, w1, w2, idx, gates, "relu", "triton"))
+        _opcheck(op, (x, w1, w2, None, idx, gates, "relu", "triton"))
+        _opcheck(op, (x, w1, w2, w1.flip(0), idx, gates, "swiglu", "triton"))
     else:
         _opcheck(op, (x, w1, idx, gates, "triton"))

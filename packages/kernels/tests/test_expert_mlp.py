@@ -34,7 +34,7 @@ def test_triton_on_cuda_matches_reference(data, kt):
     kt.check_mlp_case(case, "auto", device="cuda")
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "swiglu"])
 def test_hand_written_activation_gradients(kt, activation):
     """fp64, so the hand-written act' must match autograd's to rounding."""
     case = kt.Case(9, 6, 7, 3, 2, 3, torch.float64, 3, False, True, True, False, activation)
@@ -60,6 +60,10 @@ def _good(T=3, K=2, E=4, D=5, G=6):
         (dict(gates=None), "gates"),
         (dict(activation="tanh"), "activation"),
         (dict(idx=torch.tensor([[0, 9], [1, 2], [3, 0]])), "idx"),
+        (dict(activation="swiglu"), "w3"),
+        (dict(w3=torch.randn(4, 5, 6)), "w3"),
+        (dict(activation="swiglu", w3=torch.randn(4, 6, 5)), "w3"),
+        (dict(activation="swiglu", w3=torch.randn(4, 5, 6, dtype=torch.float64)), "w3"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(change, name):

@@ -32,6 +32,13 @@ def _mlp(i, backend):
     return moe_kernels.expert_mlp(i["x"], i["w1"], i["w2"], i["idx"], i["gates"], "silu", backend)
 
 
+def _swiglu(i, backend):
+    w3 = i["w1"].flip(0)
+    return moe_kernels.expert_mlp(
+        i["x"], i["w1"], i["w2"], i["idx"], i["gates"], "swiglu", backend, w3=w3
+    )
+
+
 def _matmul_gated(i, backend):
     return moe_kernels.expert_matmul(i["x"], i["w1"], i["idx"], i["gates"], backend)
 
@@ -41,7 +48,7 @@ def _matmul_per_slot(i, backend):
     return moe_kernels.expert_matmul(x_TKD, i["w1"], i["idx"], backend=backend)
 
 
-CALLS = [_mlp, _matmul_gated, _matmul_per_slot]
+CALLS = [_mlp, _swiglu, _matmul_gated, _matmul_per_slot]
 
 
 @pytest.mark.parametrize(

@@ -44,14 +44,18 @@ def expert_mlp(
     gates: torch.Tensor,
     activation: str = "relu",
     backend: str = "auto",
+    *,
+    w3: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_k gates[t, k] * act(x[t] @ w1[e]) @ w2[e] with e = idx[t, k]: [T, D] -> [T, D].
 
-    w1 [E, D, G], w2 [E, G, D], idx and gates [T, K]; activation "relu", "gelu" (exact erf form)
-    or "silu". Gates may hold zeros (dropped slots). backend as for expert_matmul.
+    w1 [E, D, G], w2 [E, G, D], idx and gates [T, K]; activation "relu", "gelu" (exact erf form),
+    "silu", or the gated "swiglu": silu(x[t] @ w1[e]) * (x[t] @ w3[e]) in place of act(...),
+    with w3 [E, D, G] (required for it, refused otherwise). Gates may hold zeros (dropped
+    slots). backend as for expert_matmul.
     """
-    check_mlp(x, w1, w2, idx, gates, activation, backend)
-    return expert_mlp_op(x, w1, w2, idx, gates, activation, backend)[0]
+    check_mlp(x, w1, w2, idx, gates, activation, backend, w3)
+    return expert_mlp_op(x, w1, w2, w3, idx, gates, activation, backend)[0]
 
 
 __version__ = importlib.metadata.version("moe-kernels")

@@ -1,4 +1,8 @@
-"""The expert activations and their derivatives, for the hand-written backward passes."""
+"""The expert activations and their derivatives, for the hand-written backward passes.
+
+Plain activations act on one hidden row h = x W1. Gated ones (GLU) act on two, h = x W1 and
+u = x W3: swiglu(h, u) = silu(h) * u (Shazeer 2020).
+"""
 
 import math
 
@@ -6,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("relu", "gelu", "silu")
+GATED_ACTIVATIONS = ("swiglu",)
 
 
 def activate(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -26,3 +31,16 @@ def activate_backward(name: str, h: torch.Tensor, grad: torch.Tensor) -> torch.T
         return grad * (cdf + h * pdf)
     s = torch.sigmoid(h)
     return grad * (s * (1.0 + h * (1.0 - s)))
+
+
+def activate_gated(name: str, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The gated activation of the rows h = x W1 and u = x W3 (name 'swiglu')."""
+    return F.silu(h) * u
+
+
+def activate_gated_backward(
+    name: str, h: torch.Tensor, u: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, du) of silu(h) * u for the output gradient grad."""
+    s = torch.sigmoid(h)
+    return grad * u * (s * (1.0 + h * (1.0 - s))), grad * (h * s)

@@ -35,7 +35,12 @@ def expert_matmul_naive(x, w, idx, gates=None):
     return (gates.unsqueeze(-1).to(y_TKD.dtype) * y_TKD).sum(1)
 
 
-def expert_mlp_naive(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation="relu"):
-    """Two expert matmuls with the activation between: [T, d] -> [T, d]."""
-    h_TKG = ACTIVATIONS[activation](expert_matmul_naive(x_TD, w1_EDG, idx_TK))
+def expert_mlp_naive(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation="relu", w3_EDG=None):
+    """Two expert matmuls with the activation between: [T, d] -> [T, d]. activation "swiglu"
+    multiplies silu(x W1) by a third expert matmul, x W3 (w3_EDG [E, D, G])."""
+    if activation == "swiglu":
+        gate_TKG = F.silu(expert_matmul_naive(x_TD, w1_EDG, idx_TK))
+        h_TKG = gate_TKG * expert_matmul_naive(x_TD, w3_EDG, idx_TK)
+    else:
+        h_TKG = ACTIVATIONS[activation](expert_matmul_naive(x_TD, w1_EDG, idx_TK))
     return expert_matmul_naive(h_TKG, w2_EGD, idx_TK, gates_TK)

@@ -5,16 +5,17 @@ Ops (namespace moe_kernels):
   expert_matmul(x, w, idx, gates?, backend) -> (out, order, inverse, offsets, counts, xs)
   expert_matmul_backward(grad, x?, w, gates?, order, inverse, offsets, counts, xs, backend,
                          x_per_slot, need_x, need_w, need_gates) -> (dx, dw, dgates)
-  expert_mlp(x, w1, w2, idx, gates, activation, backend) -> (out, order, inverse, offsets,
-                                                              counts, h)
-  expert_mlp_backward(grad, x, w1, w2, gates, order, inverse, offsets, counts, h,
-                      activation, backend, need_x, need_w1, need_w2, need_gates)
-                      -> (dx, dw1, dw2, dgates)
+  expert_mlp(x, w1, w2, w3?, idx, gates, activation, backend) -> (out, order, inverse,
+                                                                   offsets, counts, h)
+  expert_mlp_backward(grad, x, w1, w2, w3?, gates, order, inverse, offsets, counts, h,
+                      activation, backend, need_x, need_w1, need_w2, need_w3, need_gates)
+                      -> (dx, dw1, dw2, dw3, dgates)
 The forward ops return, beside the output, what their backward needs: the routing (so that it is
 sorted once), xs the gathered input rows [N, d_in] of the torch backend's expert_matmul ([0, d_in]
 for Triton, whose kernels gather inside their loads, so x itself is saved instead) and h the
 hidden rows [N, G] of the MLP, N = T * K: the pre-activations, or for relu the activations (whose
-sign gives the same derivative and spares recomputing them). The MLP saves x on every backend and
+sign gives the same derivative and spares recomputing them); for a gated activation both
+pre-activations side by side, [N, 2G]. The MLP saves x on every backend and
 gathers it again in the backward: one gather, where saving the gathered rows costs two on the
 padded layout (compacting them, then padding them again). Saved rows are always the N
 expert-sorted rows (the padded layout converts), so every output shape follows from the input
@@ -32,7 +33,12 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from moe_kernels.expert_matmul.activations import activate, activate_backward
+from moe_kernels.expert_matmul.activations import (
+    activate,
+    activate_backward,
+    activate_gated,
+    activate_gated_backward,
+)
 from moe_kernels.expert_matmul.cpu import choose_torch_backend
 from moe_kernels.expert_matmul.rows import Rows
 from moe_kernels.library import define
@@ -237,6 +243,7 @@ def _mlp_body(
     x_TD: Tensor,
     w1_EDG: Tensor,
     w2_EGD: Tensor,
+    w3_EDG: Tensor | None,
     idx_TK: Tensor,
     gates_TK: Tensor,
     activation: str,
@@ -248,21 +255,27 @@ def _mlp_body(
     gs_N1 = be.row_gates(gates_TK)
     xs = be.take_tokens(x_TD, zero_pads=False)  # pads meet zero gates before any output
     h_NG = be.mm(xs, w1_EDG)
-    a_NG = activate(activation, h_NG)
+    if w3_EDG is None:
+        a_NG = activate(activation, h_NG)
+        hidden_NH = a_NG if activation == "relu" else h_NG
+    else:
+        u_NG = be.mm(xs, w3_EDG)
+        a_NG = activate_gated(activation, h_NG, u_NG)
+        hidden_NH = torch.cat([h_NG, u_NG], 1)
     out_TD = be.sum_slots(be.mm(Rows(a_NG * gs_N1), w2_EGD))
-    hidden_NG = a_NG if activation == "relu" else h_NG
-    return out_TD, *routing, be.compact(hidden_NG)
+    return out_TD, *routing, be.compact(hidden_NH)
 
 
 expert_mlp_op = define("expert_mlp", _mlp_body)
 
 
 @expert_mlp_op.register_fake
-def _(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend):
+def _(x_TD, w1_EDG, w2_EGD, w3_EDG, idx_TK, gates_TK, activation, backend):
     T, K = idx_TK.shape
     E, D, G = w1_EDG.shape
     routing = _fake_routing(idx_TK, E)
-    return x_TD.new_empty(T, D), *routing, x_TD.new_empty(T * K, G)
+    H = G if w3_EDG is None else 2 * G
+    return x_TD.new_empty(T, D), *routing, x_TD.new_empty(T * K, H)
 
 
 def _mlp_backward_body(
@@ -270,51 +283,69 @@ def _mlp_backward_body(
     x_TD: Tensor,
     w1_EDG: Tensor,
     w2_EGD: Tensor,
+    w3_EDG: Tensor | None,
     gates_TK: Tensor,
     order_N: Tensor,
     inverse_N: Tensor,
     offsets_E1: Tensor,
     counts_E: Tensor,
-    hidden_sorted_NG: Tensor,
+    hidden_sorted_NH: Tensor,
     activation: str,
     backend: str,
     need_x: bool,
     need_w1: bool,
     need_w2: bool,
+    need_w3: bool,
     need_gates: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward reuses the routing and the hidden rows; it gathers x again (see the module
-    doc)."""
+    doc). Gated activations saved both hidden rows, [h | u]."""
     T, K = gates_TK.shape
+    G = w1_EDG.shape[2]
     be = make_backend(backend, w1_EDG, Routing(order_N, inverse_N, offsets_E1, counts_E), K)
     # pad rows are left unzeroed: each product below that reaches a gradient multiplies them by a
     # zero gate (dw2 and dh through gs, dw1 through dh)
     xs = be.take_tokens(x_TD, zero_pads=False)
-    hidden_NG = be.from_compact(hidden_sorted_NG, zero_pads=False).data
+    hidden_NH = be.from_compact(hidden_sorted_NH, zero_pads=False).data
     gs_N1 = be.row_gates(gates_TK)
-    a_NG = hidden_NG if activation == "relu" else activate(activation, hidden_NG)
+    if w3_EDG is None:
+        h_NG = hidden_NH
+        a_NG = h_NG if activation == "relu" else activate(activation, h_NG)
+    else:
+        h_NG, u_NG = hidden_NH[:, :G], hidden_NH[:, G:]
+        a_NG = activate_gated(activation, h_NG, u_NG)
     dout = be.take_tokens(grad_TD, zero_pads=False)
     da_NG = be.mm(dout, w2_EGD, transpose=True)  # gradient of the unweighted activations
-    dx, dw1, dw2, dgates = (w1_EDG.new_empty(0) for _ in range(4))
+    dx, dw1, dw2, dw3, dgates = (w1_EDG.new_empty(0) for _ in range(5))
     if need_gates:
         dgates = be.unsort(_row_dot(da_NG, a_NG)).view(T, K).to(gates_TK.dtype)
     if need_w2:
         dw2 = be.mm_dw(Rows(a_NG * gs_N1), dout)
-    if need_x or need_w1:
-        dh = Rows(activate_backward(activation, hidden_NG, da_NG * gs_N1))
+    if w3_EDG is None and (need_x or need_w1):
+        dh = Rows(activate_backward(activation, h_NG, da_NG * gs_N1))
         if need_w1:
             dw1 = be.mm_dw(xs, dh)
         if need_x:
             dx = be.sum_slots(be.mm(dh, w1_EDG, transpose=True))
-    return dx, dw1, dw2, dgates
+    elif w3_EDG is not None and (need_x or need_w1 or need_w3):
+        dh_NG, du_NG = activate_gated_backward(activation, h_NG, u_NG, da_NG * gs_N1)
+        if need_w1:
+            dw1 = be.mm_dw(xs, Rows(dh_NG))
+        if need_w3:
+            dw3 = be.mm_dw(xs, Rows(du_NG))
+        if need_x:
+            dxs_ND = be.mm(Rows(dh_NG), w1_EDG, transpose=True)
+            dxs_ND += be.mm(Rows(du_NG), w3_EDG, transpose=True)
+            dx = be.sum_slots(dxs_ND)
+    return dx, dw1, dw2, dw3, dgates
 
 
 expert_mlp_backward_op = define("expert_mlp_backward", _mlp_backward_body)
 
 
 @expert_mlp_backward_op.register_fake
-def _(grad_TD, x_TD, w1_EDG, w2_EGD, gates_TK, order_N, inverse_N, offsets_E1, counts_E, h_NG,
-      activation, backend, need_x, need_w1, need_w2, need_gates):  # fmt: skip
+def _(grad_TD, x_TD, w1_EDG, w2_EGD, w3_EDG, gates_TK, order_N, inverse_N, offsets_E1, counts_E,
+      h_NH, activation, backend, need_x, need_w1, need_w2, need_w3, need_gates):  # fmt: skip
     def grad(need, *shape):
         return w1_EDG.new_empty(*shape) if need else w1_EDG.new_empty(0)
 
@@ -322,29 +353,32 @@ def _(grad_TD, x_TD, w1_EDG, w2_EGD, gates_TK, order_N, inverse_N, offsets_E1, c
         grad(need_x, *grad_TD.shape),
         grad(need_w1, *w1_EDG.shape),
         grad(need_w2, *w2_EGD.shape),
+        grad(need_w3, *w1_EDG.shape),
         grad(need_gates, *gates_TK.shape),
     )
 
 
 def _mlp_setup_context(ctx, inputs, output):
-    x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation, backend = inputs
-    _, *routing, hidden_NG = output
-    ctx.mark_non_differentiable(hidden_NG)
+    x_TD, w1_EDG, w2_EGD, w3_EDG, idx_TK, gates_TK, activation, backend = inputs
+    _, *routing, hidden_NH = output
+    ctx.mark_non_differentiable(hidden_NH)
     ctx.set_materialize_grads(False)
     ctx.activation, ctx.backend = activation, backend
-    ctx.save_for_backward(x_TD, w1_EDG, w2_EGD, gates_TK, *routing, hidden_NG)
+    ctx.save_for_backward(x_TD, w1_EDG, w2_EGD, w3_EDG, gates_TK, *routing, hidden_NH)
 
 
 def _mlp_backward(ctx, grad_TD, *_):
-    need_x, need_w1, need_w2, _, need_gates, _, _ = ctx.needs_input_grad
+    need_x, need_w1, need_w2, need_w3, _, need_gates, _, _ = ctx.needs_input_grad
     if grad_TD is None:
-        return (None,) * 7
+        return (None,) * 8
+    x_TD, w1_EDG, w2_EGD, w3_EDG, *rest = ctx.saved_tensors
+    need_w3 = need_w3 and w3_EDG is not None
     grads = expert_mlp_backward_op(
-        grad_TD, *ctx.saved_tensors, ctx.activation, ctx.backend,
-        need_x, need_w1, need_w2, need_gates,
+        grad_TD, x_TD, w1_EDG, w2_EGD, w3_EDG, *rest, ctx.activation, ctx.backend,
+        need_x, need_w1, need_w2, need_w3, need_gates,
     )  # fmt: skip
-    dx, dw1, dw2, dgates = _needed(grads, (need_x, need_w1, need_w2, need_gates))
-    return dx, dw1, dw2, None, dgates, None, None
+    dx, dw1, dw2, dw3, dgates = _needed(grads, (need_x, need_w1, need_w2, need_w3, need_gates))
+    return dx, dw1, dw2, dw3, None, dgates, None, None
 
 
 expert_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)

@@ -6,7 +6,7 @@ under torch.compile; the ids themselves are checked inside the ops (routing.vali
 
 import torch
 
-from moe_kernels.expert_matmul.activations import ACTIVATIONS
+from moe_kernels.expert_matmul.activations import ACTIVATIONS, GATED_ACTIVATIONS
 from moe_kernels.expert_matmul.ops import BACKENDS, HAS_TRITON
 from moe_kernels.routing.validate import check_idx
 
@@ -57,7 +57,7 @@ def check_matmul(x, w, idx, gates, backend) -> None:
         raise ValueError("backend='triton' needs Triton: pip install 'moe-kernels[triton]'")
 
 
-def check_mlp(x, w1, w2, idx, gates, activation, backend) -> None:
+def check_mlp(x, w1, w2, idx, gates, activation, backend, w3=None) -> None:
     _tensor("x", x, (2,))
     _tensor("w1", w1, (3,))
     _tensor("w2", w2, (3,))
@@ -68,5 +68,16 @@ def check_mlp(x, w1, w2, idx, gates, activation, backend) -> None:
         raise ValueError(f"w2 has shape {tuple(w2.shape)}; w1 {tuple(w1.shape)} needs {(E, G, D)}")
     if gates is None:
         raise ValueError("gates must be a [T, K] tensor for expert_mlp, got None")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS + GATED_ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {ACTIVATIONS + GATED_ACTIVATIONS}, got {activation!r}"
+        )
+    if activation in GATED_ACTIVATIONS and w3 is None:
+        raise ValueError(f"w3 [E, D, G] is required for the gated activation {activation!r}")
+    if activation not in GATED_ACTIVATIONS and w3 is not None:
+        raise ValueError(f"w3 is only for gated activations {GATED_ACTIVATIONS}, not {activation!r}")
+    if w3 is not None:
+        _tensor("w3", w3, (3,))
+        _same_kind("w3", w3, "w1", w1)
+        if w3.shape != w1.shape:
+            raise ValueError(f"w3 has shape {tuple(w3.shape)}, expected w1's {tuple(w1.shape)}")
