@@ -75,7 +75,9 @@ def check_mlp(x, w1, w2, idx, gates, activation, backend, w3=None) -> None:
     if activation in GATED_ACTIVATIONS and w3 is None:
         raise ValueError(f"w3 [E, D, G] is required for the gated activation {activation!r}")
     if activation not in GATED_ACTIVATIONS and w3 is not None:
-        raise ValueError(f"w3 is only for gated activations {GATED_ACTIVATIONS}, not {activation!r}")
+        raise ValueError(
+            f"w3 is only for gated activations {GATED_ACTIVATIONS}, not {activation!r}"
+        )
     if w3 is not None:
         _tensor("w3", w3, (3,))
         _same_kind("w3", w3, "w1", w1)
