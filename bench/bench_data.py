@@ -5,6 +5,10 @@ character encoder is also timed against a plain dict lookup (its readable refere
 time training a 2048-symbol byte-level BPE on the train split and encoding the whole text.
 Batching rows cut the train split (~1.9M character tokens) into [32, 256] int64 batches, in
 memory and memory-mapped from the cache, for one XL epoch and as many random-window batches.
+Source-check rows time what a cache hit costs on a large byte-level source (256 MB, 64 MB with
+--quick): the SHA-256 of the source in 4 MiB chunks (the staleness check), the size and mtime
+stat it replaced, and a whole cache-hit `moe_data.text` load (source hash, entry checksums, id
+range check).
 All callables of a table run round-robin (`time_interleaved`); medians with min / max.
 """
 
@@ -102,6 +106,33 @@ def batching_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def source_check_rows(repeats: int, megabytes: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "large.txt"
+        block = np.random.default_rng(0).integers(32, 127, 1 << 20, dtype=np.uint8).tobytes()
+        with open(source, "wb") as f:
+            for _ in range(megabytes):
+                f.write(block)
+        cache = Path(tmp) / "cache"
+        moe_data.text(source, level="byte", cache_dir=cache)
+        fns = {
+            "sha256 of the source (the check)": lambda: moe_data.cache.sha256_of(source),
+            "stat: size + mtime (the old check)": lambda: source.stat().st_mtime_ns,
+            "cache-hit load (whole)": lambda: moe_data.text(source, level="byte", cache_dir=cache),
+        }
+        size = megabytes * (1 << 20)
+        rows = _rate_rows(
+            time_interleaved(fns, repeats, warmup=1), dict.fromkeys(fns, size), "MB/s", 1e6
+        )
+    for row in rows:
+        row["table"] = f"token cache source check ({megabytes} MiB)"
+    return rows
+
+
 def run(quick: bool) -> list[dict]:
     repeats = 3 if quick else 5
-    return tokenisation_rows(repeats) + batching_rows(repeats)
+    return (
+        tokenisation_rows(repeats)
+        + batching_rows(repeats)
+        + source_check_rows(repeats, 64 if quick else 256)
+    )

@@ -62,6 +62,23 @@ def test_changed_source_rebuilds(write, tmp_path, count_builds):
     assert again.decode(again.train).startswith("ABCDEFGHIJ")
 
 
+@pytest.mark.parametrize("where", [0, len(TEXT) // 2, len(TEXT) - 1])
+def test_same_size_source_with_its_mtime_restored_rebuilds(write, tmp_path, count_builds, where):
+    """What `tar x`, `cp -p` and `rsync -t` leave: other bytes, the same size and mtime."""
+    path, store = write("t.txt", TEXT), tmp_path / "store"
+    moe_data.text(path, cache_dir=store)
+    before = path.stat()
+    changed = TEXT[:where] + ("#" if TEXT[where] != "#" else "!") + TEXT[where + 1 :]
+    path.write_text(changed, encoding="utf-8")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = moe_data.text(path, cache_dir=store)
+    assert len(count_builds) == 2
+    assert (
+        again.decode(again.train) + again.decode(again.valid) + again.decode(again.test) == changed
+    )
+
+
 def test_touched_but_unchanged_source_is_reused(write, tmp_path, count_builds):
     path, store = write("t.txt", TEXT), tmp_path / "store"
     moe_data.text(path, cache_dir=store)

@@ -1,6 +1,7 @@
 """Loaders: token counts and splits against plain re-computations, and an error for each bad file."""
 
 import gzip
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -80,11 +81,14 @@ def test_text_bad_files(tmp_path, make, message):
 
 def test_unreadable_file_is_named(write, monkeypatch):
     path = write("locked.txt", SAMPLE)
+    real_open = os.open
 
-    def deny(self):
-        raise PermissionError(13, "Permission denied")
+    def deny(file, *args, **kwargs):
+        if Path(file).name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(DataError, match="locked.txt is not readable"):
         moe_data.text(path, cache_dir=False)
 

@@ -106,6 +106,12 @@ def byte_text(run, tmp):
     write(tmp / "bytes.txt", "some text to read as bytes; " * 200)
 
 
+def special_files(run, tmp):
+    os.mkfifo(tmp / "fifo.txt")
+    (tmp / "zero.txt").symlink_to("/dev/zero")
+    (tmp / "dir.txt").mkdir()
+
+
 def configs(run, tmp):
     write(tmp / "bad.toml", "preset = \n")
     write(tmp / "unknown.json", json.dumps({"optimizer": {}}))
@@ -178,6 +184,13 @@ CLI_CASES = [
     (["train", "train.precision=fp16", "--device", "cpu"], ["fp16", "CUDA"]),
     (["train", "--data", "text:/nonexistent/corpus.txt"], ["/nonexistent/corpus.txt"]),
     (["train", "--data", "nosuchkind:x"], ["nosuchkind"]),
+    (["train", "--data", "text:{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["train", "--data", "bytes:{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["train", "--data", "bpe:{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["train", "--data", "enwik8:{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["train", "--data", "text:/dev/zero"], ["/dev/zero", "character device"]),
+    (["train", "--data", "bytes:{tmp}/zero.txt"], ["zero.txt", "character device"], special_files),
+    (["train", "--data", "text:{tmp}/dir.txt"], ["dir.txt", "folder"], special_files),
     (["train", "--config", "/nonexistent/run.toml"], ["/nonexistent/run.toml"]),
     (["train", "--config", "{tmp}/bad.toml"], ["bad.toml"], configs),
     (["train", "--config", "{tmp}/unknown.json"], ["unknown.json", "optimizer"], configs),
@@ -231,6 +244,14 @@ CLI_CASES = [
     (["eval", "{run}", "--device", "tpu"], ["tpu"]),
     (["eval", "{run}", "--data", "bytes:{tmp}/bytes.txt"], ["bytes:{tmp}/bytes.txt"], byte_text),
     (["eval", "{tmp}/copy"], ["{tmp}/copy", "corrupt or truncated"], truncated_copy),
+    (["eval", "{run}", "--text", "/dev/zero"], ["/dev/zero", "character device"]),
+    (["eval", "{run}", "--text", "{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["eval", "{run}", "--text", "{tmp}/dir.txt"], ["dir.txt", "folder"], special_files),
+    (["eval", "{run}", "--text", "{tmp}/none.txt"], ["none.txt", "does not exist"]),
+    (["eval", "{run}", "--data", "text:{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["prime", "{run}", "--task", "{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
+    (["prime", "{run}", "--task", "/dev/zero"], ["/dev/zero", "character device"]),
+    (["finetune", "{run}", "--task", "{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
     (["eval", "{tmp}/forged.pt", "--max-batches", "1"], ["forged.pt", "shape"], forged_checkpoint),
     # prime
     (["prime", "{run}"], ["--task"]),

@@ -23,6 +23,7 @@ from moe_data.datasets import (
     wikitext_sp,
 )
 from moe_data.errors import DataError
+from moe_data.sources import read_text
 from moe_data.spec import load
 from moe_data.tasks import Example, Task, build_prompt, example_task_path, load_tasks
 from moe_data.vocab import (
@@ -60,6 +61,7 @@ __all__ = [
     "load",
     "load_tasks",
     "load_tokenizer",
+    "read_text",
     "save_tokenizer",
     "text",
     "wikitext",

@@ -147,7 +147,9 @@ def _wikitext_paths(folder) -> tuple[Path, dict[str, Path]]:
     paths = {}
     for split in SPLITS:
         p = root / f"wiki.{split}.tokens"
-        if not p.is_file():
+        if p.exists() or p.is_symlink():
+            existing_file(p, "WikiText file")
+        else:
             hint = " (the vocabulary is built from the training split)" if split == "train" else ""
             raw = (
                 " (found .raw files: use the tokenised .tokens release)"

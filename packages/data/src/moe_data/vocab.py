@@ -518,10 +518,12 @@ def load_tokenizer(path):
     if not meta_path.exists():
         return BPEVocab(tok, path)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_bytes(meta_path, "tokenizer description").decode("utf-8"))
         level = meta["level"]
         if meta.get("format") != TOKENIZER_META_FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}")
+    except DataError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{meta_path} is not a moe-data tokenizer description ({err})") from None
     try:

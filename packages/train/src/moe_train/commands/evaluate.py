@@ -18,6 +18,9 @@ from moe_train.errors import CLIError
 
 NAME = "eval"
 HELP = "evaluate a checkpoint on valid and test"
+# --text is read, encoded and evaluated in memory (8 bytes per token id): a bound, so that a
+# huge file is one error rather than a MemoryError after minutes
+TEXT_MAX_BYTES = 256 * 2**20
 
 
 def add_arguments(p) -> None:
@@ -29,8 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--text",
         metavar="FILE",
-        help="evaluate this UTF-8 text file, encoded with the run's tokenizer, instead of the "
-        "data's valid and test splits",
+        help="evaluate this UTF-8 text file (a regular file of at most 256 MiB), encoded with "
+        "the run's tokenizer, instead of the data's valid and test splits",
     )
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument(
@@ -50,6 +53,8 @@ def add_arguments(p) -> None:
 
 def _splits(args, loaded) -> tuple[str, str, dict]:
     """(data name, level, {split name: token ids})."""
+    import moe_data
+
     from moe_train.data import load_corpus
     from moe_train.loading import encode, same_vocabulary
 
@@ -59,10 +64,7 @@ def _splits(args, loaded) -> tuple[str, str, dict]:
         if loaded.vocab is None:
             raise CLIError(f"--text needs the tokenizer of the model; {loaded.folder} has none")
         path = Path(args.text)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise CLIError(f"--text {path} is not UTF-8 text ({e.reason})") from None
+        text = moe_data.read_text(path, "--text file", max_bytes=TEXT_MAX_BYTES)
         ids = np.asarray(encode(loaded.vocab, text), dtype=np.int64)
         return path.name, loaded.vocab.level, {"text": ids}
     spec = args.data if args.data is not None else loaded.data
