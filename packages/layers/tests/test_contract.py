@@ -22,6 +22,7 @@ from moe_layers import (
     SMoE,
     SwitchMoE,
     TMoE,
+    TokenChoiceMoE,
     TopKFFN,
 )
 
@@ -40,6 +41,10 @@ LAYERS = [
     (HashLayer, dict(d_model=D, n_experts=4, expert_size=3, vocab_size=VOCAB)),
     (TMoE, dict(d_model=D, n_experts=4, expert_size=3)),
     (SMoE, dict(d_model=D, n_experts=2, seq_len=T)),
+    (
+        TokenChoiceMoE,
+        dict(d_model=D, n_experts=4, expert_size=3, n_shared_experts=1, z_loss_weight=0.1),
+    ),
     (CausalSGU, dict(d_ffn=D, seq_len=T)),
 ]
 # CausalSGU maps [..., T, d_ffn] -> [..., T, d_ffn // 2]: not an FFN replacement
@@ -49,6 +54,7 @@ AUX_IN_TRAINING = {
     SBaseMoE: {"entropy"},
     SwitchMoE: {"switch_balance"},
     GShardMoE: {"gshard_balance"},
+    TokenChoiceMoE: {"router_z"},
 }
 
 
@@ -193,6 +199,24 @@ BAD_VALUES = [
     (SMoE, "prefix_fraction", 1.0),
     (SMoE, "prefix_fraction", float("nan")),
     (SMoE, "impl", "x"),
+    (TokenChoiceMoE, "n_experts", 0),
+    (TokenChoiceMoE, "k", 5),
+    (TokenChoiceMoE, "activation", "geglu"),
+    (TokenChoiceMoE, "n_shared_experts", -1),
+    (TokenChoiceMoE, "shared_expert_size", 0),
+    (TokenChoiceMoE, "shared_expert_gate", 1),
+    (TokenChoiceMoE, "score", "tanh"),
+    (TokenChoiceMoE, "softmax_after_topk", "yes"),
+    (TokenChoiceMoE, "route_scale", 0.0),
+    (TokenChoiceMoE, "n_groups", 3),
+    (TokenChoiceMoE, "topk_groups", 2),
+    (TokenChoiceMoE, "z_loss_weight", float("nan")),
+    (TokenChoiceMoE, "balance_loss_weight", -1.0),
+    (TokenChoiceMoE, "bias_update_rate", -1.0),
+    (TokenChoiceMoE, "bias_update_rate", float("inf")),
+    (TokenChoiceMoE, "init_std", 0.0),
+    (TokenChoiceMoE, "dropout", 1.0),
+    (TokenChoiceMoE, "impl", "x"),
     (CausalSGU, "d_ffn", 5),
     (CausalSGU, "d_ffn", 0),
     (CausalSGU, "seq_len", 0),
@@ -288,6 +312,14 @@ def _per_expert(layer) -> int:
     return (layer.experts.w1.numel() + layer.experts.w2.numel()) // layer.experts.w1.shape[0]
 
 
+def _per_glu_expert(layer) -> int:
+    return (
+        _per_expert(layer) + layer.experts.w3[0].numel()
+        if hasattr(layer.experts, "w3")
+        else _per_expert(layer)
+    )
+
+
 def _router(layer) -> int:
     return sum(p.numel() for p in layer.router.parameters())
 
@@ -312,6 +344,11 @@ ACTIVE = {
         m.w1.numel()
         + (0 if m.b1 is None else m.b1.numel() + m.b2.numel())
         + m.config.k * m.w2.shape[1]
+    ),
+    TokenChoiceMoE: lambda m: (
+        _router(m)
+        + m.config.k * _per_glu_expert(m)
+        + (0 if m.shared is None else sum(p.numel() for p in m.shared.parameters()))
     ),
     # the dense path reads every value row
     PKM: lambda m: (
@@ -344,6 +381,20 @@ SIZES = [
     (HashLayer, dict(d_model=6, n_experts=2, expert_size=1, vocab_size=3)),
     (TMoE, dict(d_model=4, n_experts=2, expert_size=5)),
     (SMoE, dict(d_model=6, n_experts=3, seq_len=10, routing="learned", prefix_fraction=0.3)),
+    (TokenChoiceMoE, dict(d_model=3, n_experts=6, expert_size=2, k=3, activation="relu")),
+    (
+        TokenChoiceMoE,
+        dict(
+            d_model=5,
+            n_experts=6,
+            expert_size=2,
+            k=1,
+            n_shared_experts=2,
+            shared_expert_size=3,
+            shared_expert_gate=True,
+            bias_update_rate=0.01,
+        ),
+    ),
     (CausalSGU, dict(d_ffn=4, seq_len=9)),
 ]
 

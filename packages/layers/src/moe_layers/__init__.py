@@ -11,6 +11,7 @@ from moe_layers.base import (
     Router,
     Routing,
     RoutingStats,
+    after_optimizer_step,
     collect_aux_losses,
     collect_routing_stats,
 )
@@ -20,10 +21,12 @@ from moe_layers.gshard import GShardMoE
 from moe_layers.hash_layer import HashLayer
 from moe_layers.parallel import ExpertParallel, expert_parameter_names
 from moe_layers.pkm import PKM
+from moe_layers.router import TopKRouter
 from moe_layers.sbase import SBaseMoE
 from moe_layers.sigma_moe import SigmaMoE
 from moe_layers.smlp import CausalSGU, SMoE, TMoE
 from moe_layers.switch import SwitchMoE
+from moe_layers.token_choice import TokenChoiceMoE
 from moe_layers.topk import TopKFFN
 
 __version__ = importlib.metadata.version("moe-layers")
@@ -49,7 +52,10 @@ __all__ = [
     "SigmaMoE",
     "SwitchMoE",
     "TMoE",
+    "TokenChoiceMoE",
     "TopKFFN",
+    "TopKRouter",
+    "after_optimizer_step",
     "balanced_assignment",
     "collect_aux_losses",
     "collect_routing_stats",

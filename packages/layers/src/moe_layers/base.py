@@ -283,6 +283,7 @@ class RoutingStats:
     dropped_count, entropy_nats: 0-dim tensors; read them as `dropped` (int: assignments removed by
         a capacity limit, 0 for layers without one) and `entropy` (float: nats of the
         batch-averaged selection distribution over experts).
+    expert_bias: [E], the balancing bias the choice used (a copy), for layers that have one.
 
     Everything stays on the layer's device, so that recording the statistics never makes the host
     wait for the GPU; reading `dropped` or `entropy` does.
@@ -292,6 +293,7 @@ class RoutingStats:
     n_tokens: int
     dropped_count: Tensor
     entropy_nats: Tensor
+    expert_bias: Tensor | None = None
 
     @property
     def dropped(self) -> int:
@@ -378,6 +380,11 @@ class MoEModule(ConfiguredModule):
             entropy_nats=entropy,
         )
 
+    def after_optimizer_step(self, group=None) -> None:
+        """Called after every optimiser step (see `after_optimizer_step`): a layer with state that
+        follows the training batches (TokenChoiceMoE's expert bias) updates it here. `group`:
+        the data-parallel process group (None: the default group). Nothing by default."""
+
     @property
     def aux_losses(self) -> dict[str, Tensor]:
         return dict(self._aux_losses)
@@ -404,6 +411,15 @@ def collect_routing_stats(module: nn.Module) -> dict[str, RoutingStats]:
         for name, m in module.named_modules()
         if isinstance(m, MoEModule) and m._routing_stats is not None
     }
+
+
+def after_optimizer_step(module: nn.Module, group=None) -> None:
+    """Calls `after_optimizer_step(group)` on every layer in `module`, in module order. A trainer
+    calls it after each optimizer.step(), on every data-parallel rank (a layer may all-reduce over
+    `group`, the data-parallel group; None: the default group)."""
+    for m in module.modules():
+        if isinstance(m, MoEModule):
+            m.after_optimizer_step(group)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
