@@ -106,6 +106,33 @@ def byte_text(run, tmp):
     write(tmp / "bytes.txt", "some text to read as bytes; " * 200)
 
 
+def damaged_history(line: bytes):
+    """A copy of the run whose metrics.jsonl has `line` in the middle."""
+
+    def setup(run, tmp):
+        path = copy_run(run, tmp) / "metrics.jsonl"
+        first, rest = path.read_bytes().split(b"\n", 1)
+        path.write_bytes(first + b"\n" + line + b"\n" + rest)
+
+    return setup
+
+
+HISTORY_DAMAGE = [
+    (b"[1, 2]", "an array"),
+    (b"42", "(42, not an object)"),
+    (b'"step"', "(\"step\", not an object)"),
+    (b"null", "(null, not an object)"),
+    (b'{"step": "3", "train_loss": 1.0}', "'3'"),
+    (b'{"step": 1.5, "train_loss": 1.0}', "1.5"),
+    (b'{"step": true}', "True"),
+    (b'{"step": -1}', "-1"),
+    (b'{"train_loss": 1.0}', "None"),
+    (b'{"step": 3, "train_loss": 1.0', "not JSON"),
+    (b"\xff\xfe garbage", "not UTF-8"),
+    (b'{"step": 3, "note": "caf\xe9"}', "not UTF-8"),
+]
+
+
 def special_files(run, tmp):
     os.mkfifo(tmp / "fifo.txt")
     (tmp / "zero.txt").symlink_to("/dev/zero")
@@ -226,6 +253,14 @@ CLI_CASES = [
     (["train", "--out", "{run}", "--resume", "train.lr=inf"], ["train.lr", "inf"]),
     (["train", "--out", "{tmp}/copy", "--resume"], ["no checkpoint", "loads"], truncated_copy),
     (["train", "--out", "{tmp}/exported", "--resume"], ["not resumed"], model_only_checkpoint),
+    *(
+        (
+            ["train", "--out", "{tmp}/copy", "--resume", "--max-steps", "6"],
+            ["metrics.jsonl line 2", why],
+            damaged_history(line),
+        )
+        for line, why in HISTORY_DAMAGE
+    ),
     (["train", "--out", "{tmp}/locked", *TINY], ["in use", ".lock", str(os.getpid())], live_lock),
     (["train", "--out", "{tmp}/locked", *TINY], ["another-host.invalid", ".lock"], foreign_lock),
     (
@@ -307,6 +342,19 @@ def test_cli_bad_input_is_one_line_exit_2_and_loses_no_checkpoint(cli, shared_ru
     for needle in needles:
         assert needle.format(**context) in line, (needle, line)
     assert fingerprint(shared_run) == before
+
+
+def test_a_torn_last_history_line_is_dropped_with_a_note(cli, shared_run, tmp_path):
+    """What a crash or a full disk during an append leaves: the last line without its newline.
+    The resumed run drops it, says so, and logs its steps again."""
+    copy = copy_run(shared_run, tmp_path)
+    path = copy / "metrics.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"step": 5, "train_lo')
+    rc, _, err = cli("train", "--out", copy, "--resume", "--max-steps", "6", *QUIET)
+    assert rc == 0, err
+    assert "metrics.jsonl ends in an incomplete line" in err
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(isinstance(r["step"], int) for r in records) and records[-1]["step"] == 6
 
 
 def _wide(x):

@@ -50,7 +50,7 @@ import numpy as np
 from moe_train import checkpoint as ckpt
 from moe_train.config import RunConfig, resolve
 from moe_train.errors import CLIError
-from moe_train.metrics import level_metrics, uses_bpc
+from moe_train.metrics import level_metrics, read_history, uses_bpc
 from moe_train.trainer import with_corpus_vocab
 
 FORMAT = "moe-train-compare"
@@ -490,14 +490,7 @@ def _torchrun(run: Run, run_dir: Path, spec: Spec, resume: bool, tensorboard: bo
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_history(run_dir / "metrics.jsonl")
 
 
 def curves(records: list[dict], tokens_per_step: int) -> tuple[list[dict], float]:

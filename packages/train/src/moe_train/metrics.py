@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -91,6 +92,63 @@ class RoutingAccumulator:
         return out
 
 
+def _check_record(text: str) -> dict:
+    """The record one line of metrics.jsonl holds, or ValueError saying why it is none."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        kind = "an array" if isinstance(record, list) else f"{json.dumps(record)[:20]}"
+        raise ValueError(f"is JSON but no record ({kind}, not an object)")
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"has no step (a non-negative integer): step is {step!r}")
+    return record
+
+
+def history_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each line of a run's metrics.jsonl, every one checked: a line that is
+    not UTF-8, not JSON, not an object or without an integer step is a CLIError naming the file
+    and the line. One exception: a damaged last line without its newline is what a crash or a
+    full disk in the middle of an append leaves; it is dropped with a note on stderr."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CLIError(f"cannot read {path} ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends in its newline
+    out = []
+    for number, raw in enumerate([*lines, torn], start=1):
+        if not raw.strip():
+            continue
+        try:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"is not UTF-8 (byte {raw[e.start]:#04x} at {e.start})") from None
+            out.append((text, _check_record(text)))
+        except ValueError as e:
+            if number == len(lines) + 1:  # the torn last line
+                print(
+                    f"note: {path} ends in an incomplete line {number} (an interrupted write); "
+                    "dropped",
+                    file=sys.stderr,
+                )
+                continue
+            raise CLIError(
+                f"{path} line {number} {e}; every line must be a JSON object with its step "
+                "(repair or delete that line)"
+            ) from None
+    return out
+
+
+def read_history(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (none when it does not exist), checked as
+    `history_lines` says."""
+    return [record for _, record in history_lines(path)] if path.exists() else []
+
+
 class MetricsLogger:
     """Appends JSON lines to DIR/metrics.jsonl and mirrors scalars to TensorBoard (DIR/tb)."""
 
@@ -105,17 +163,11 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run re-logs the steps past its checkpoint).
-        The file is replaced whole, so a failed write leaves the old one."""
+        Every line is checked first (`read_history`); the file is replaced whole, so a failed
+        write leaves the old one."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
+        kept = [line for line, record in history_lines(self.path) if record["step"] <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         try:
             tmp.write_text("".join(k + "\n" for k in kept))
