@@ -120,7 +120,7 @@ def damaged_history(line: bytes):
 HISTORY_DAMAGE = [
     (b"[1, 2]", "an array"),
     (b"42", "(42, not an object)"),
-    (b'"step"', "(\"step\", not an object)"),
+    (b'"step"', '("step", not an object)'),
     (b"null", "(null, not an object)"),
     (b'{"step": "3", "train_loss": 1.0}', "'3'"),
     (b'{"step": 1.5, "train_loss": 1.0}', "1.5"),
