@@ -1,5 +1,7 @@
+import dataclasses
 import math
 
+import moe_layers
 import pytest
 import torch
 from hypothesis import given
@@ -120,3 +122,68 @@ def test_empty_batch(make, impl):
     assert y.shape == (2, 0, 6)
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+ROUTED = [
+    moe_layers.SigmaMoE,
+    moe_layers.SBaseMoE,
+    moe_layers.SwitchMoE,
+    moe_layers.GShardMoE,
+    moe_layers.BaseLayer,
+    moe_layers.HashLayer,
+    moe_layers.TMoE,
+]
+EXPERT_OPTIONS = {"activation": "relu", "dropout": 0.0, "n_layers": 1, "impl": "fast"}
+
+
+@pytest.mark.parametrize("cls", ROUTED, ids=lambda c: c.__name__)
+def test_the_routed_layers_describe_their_experts_with_experts_config(cls):
+    assert issubclass(cls.Config, moe_layers.ExpertsConfig)
+    fields = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    assert {name: fields[name] for name in EXPERT_OPTIONS} == EXPERT_OPTIONS
+    assert cls.Config.positional[:3] == ("d_model", "n_experts", "expert_size")
+
+
+def test_topk_puts_k_after_the_sizes_and_a_wrong_base_order_fails_loudly():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Good(moe_layers.ExpertsConfig, moe_layers.TopK):
+        own: int = 0
+
+    names = [f.name for f in dataclasses.fields(Good)]
+    assert names == ["d_model", "n_experts", "expert_size", "k", *EXPERT_OPTIONS, "own"]
+    assert Good(d_model=4, n_experts=3, expert_size=2, k=2).slots == 2
+    with pytest.raises(ValueError, match=r"k must be at most n_experts \(3\), got 4"):
+        Good(d_model=4, n_experts=3, expert_size=2, k=4)
+    with pytest.raises(ValueError, match="activation"):
+        Good(d_model=4, n_experts=3, expert_size=2, k=1, activation="tanh")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Swapped(moe_layers.TopK, moe_layers.ExpertsConfig):
+        pass
+
+    # k would follow the options: its positional slot is impossible, and the layer says so
+    with pytest.raises(TypeError, match="positional fields"):
+
+        class Layer(moe_layers.RoutedMoE):
+            Config = Swapped
+
+
+@given(
+    d_model=st.integers(1, 9),
+    n_experts=st.integers(1, 6),
+    expert_size=st.integers(1, 7),
+    k_frac=st.floats(0.0, 1.0),
+)
+def test_experts_config_counts_the_weights_experts_creates(d_model, n_experts, expert_size, k_frac):
+    k = max(1, round(k_frac * n_experts))
+    cfg = moe_layers.SigmaMoE.Config(
+        d_model=d_model, n_experts=n_experts, expert_size=expert_size, k=k
+    )
+    with torch.device("meta"):
+        experts = Experts(d_model, n_experts, expert_size)
+    per_expert = sum(p[0].numel() for p in experts.parameters())
+    gate = n_experts * d_model
+    assert cfg.parameter_count() == moe_layers.ParameterCount(
+        total=gate + sum(p.numel() for p in experts.parameters()),
+        active=gate + k * per_expert,
+    )

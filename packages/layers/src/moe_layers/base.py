@@ -516,8 +516,20 @@ class Experts(nn.Module):
         super().__init__()
         self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
         self.activation, self.hidden_dropout, self.impl = activation, hidden_dropout, impl
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
-        self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
+        for name, shape in self.weight_shapes(d_model, n_experts, expert_size, activation).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+
+    @staticmethod
+    def weight_shapes(
+        d_model: int, n_experts: int, expert_size: int, activation: str
+    ) -> dict[str, tuple[int, int, int]]:
+        """The expert weights by name: w1 [E, D, G], w2 [E, G, D], whatever the activation.
+
+        The one place that says which matrices an expert has: `Experts` creates them and
+        `ExpertsConfig.parameter_count` counts them from it, so that an activation with more
+        weights (a gated one's w3 [E, D, G]) is added here once.
+        """
+        return {"w1": (n_experts, d_model, expert_size), "w2": (n_experts, expert_size, d_model)}
 
     def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
         p = self.hidden_dropout if self.training else 0.0
@@ -537,24 +549,112 @@ class Experts(nn.Module):
 
 
 def routed_parameter_count(
-    d_model: int, n_experts: int, expert_size: int, slots: int, gate: bool = True
+    d_model: int,
+    n_experts: int,
+    expert_size: int,
+    slots: int,
+    gate: bool = True,
+    activation: str = "relu",
 ) -> ParameterCount:
     """A routed layer's count: a gate [E, D] (if any) and E experts, `slots` of them per token."""
     router = n_experts * d_model if gate else 0
-    expert = 2 * d_model * expert_size
+    shapes = Experts.weight_shapes(d_model, n_experts, expert_size, activation)
+    expert = sum(math.prod(shape[1:]) for shape in shapes.values())
     return ParameterCount(total=router + n_experts * expert, active=router + slots * expert)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertSizes(LayerConfig):
+    """n_experts (E) experts of width expert_size (G): the first fields of a routed layer's Config,
+    positional after d_model. See ExpertsConfig."""
+
+    positional: ClassVar[tuple[str, ...]] = ("d_model", "n_experts", "expert_size")
+    n_experts: int
+    expert_size: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sizes(self, "n_experts", "expert_size")
+
+    @property
+    def slots(self) -> int:
+        """Experts each token uses, for the active parameter count (1 unless a layer says so)."""
+        return 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopK(ExpertSizes):
+    """ExpertSizes and k, the experts per token (positional after expert_size; 1 <= k <= E)."""
+
+    positional: ClassVar[tuple[str, ...]] = ("d_model", "n_experts", "expert_size", "k")
+    k: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sizes(self, "k")
+        check_at_most(self, "k", self.n_experts, "n_experts")
+
+    @property
+    def slots(self) -> int:
+        return self.k
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertsConfig(ExpertSizes):
+    """One description of the experts of a routed layer: every RoutedMoE's Config derives from it,
+    so that an expert option is declared, defaulted, validated and counted here once.
+
+    n_experts, expert_size: E experts of width G (ExpertSizes).
+    activation: the experts' nonlinearity (one of ACTIVATIONS).
+    dropout: dropout on the expert hidden activations in training (0: off).
+    n_layers: the depth of the network, for the layers' init scale c = sqrt(2 / n_layers).
+    impl: "fast" (moe_kernels.expert_mlp) or "reference" (a loop over experts).
+
+    A layer whose tokens use k experts writes `class Config(ExpertsConfig, TopK)` (in that order,
+    so that the fields are d_model, n_experts, expert_size, k, then the options); one with a fixed
+    number of experts per token overrides `slots`. The layer's own router options follow. The
+    count is that of the experts' weights (`Experts.weight_shapes`) and, unless `router_gate` is
+    False, a gate [E, D]. `activations`: the names `activation` may take (a layer whose experts
+    support more, e.g. a gated one, widens it and redeclares `activation` for its default).
+    """
+
+    router_gate: ClassVar[bool] = True
+    activations: ClassVar[tuple[str, ...]] = tuple(ACTIVATIONS)
+    activation: str = "relu"
+    dropout: float = 0.0
+    n_layers: int = 1
+    impl: str = "fast"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sizes(self, "n_layers")
+        check_probabilities(self, "dropout")
+        check_choice(self, "activation", self.activations)
+        check_choice(self, "impl", IMPLS)
+
+    def parameter_count(self) -> ParameterCount:
+        return routed_parameter_count(
+            self.d_model,
+            self.n_experts,
+            self.expert_size,
+            self.slots,
+            gate=self.router_gate,
+            activation=self.activation,
+        )
 
 
 class RoutedMoE(MoEModule):
     """Base of the layers that route each token to K of E expert MLPs.
 
-    `__init__` builds `self.experts` (`build_experts`: from the Config's d_model, n_experts,
-    expert_size, activation, dropout and impl), then `self.router` (`build_router`), then calls
+    Its Config derives from ExpertsConfig. `__init__` builds `self.experts` (`build_experts`:
+    from the Config's d_model, n_experts, expert_size, activation, dropout and impl), then `self.router` (`build_router`), then calls
     `reset_parameters`. forward: routing = router(x_TD, token_ids_T); its auxiliary losses and
     statistics are recorded; y = experts(expert_inputs(x_TD, routing), routing.idx_TK,
     routing.gates_TK), where `expert_inputs` is x_TD unless a layer transforms what its experts
     see (BaseLayer's per-expert LayerNorm). `ExpertParallel` shards `experts` across ranks.
     """
+
+    Config: ClassVar[type[ExpertsConfig] | None] = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -21,19 +21,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moe_layers.base import (
-    ACTIVATIONS,
-    IMPLS,
-    LayerConfig,
+    ExpertsConfig,
     LinearRouter,
     ParameterCount,
     RoutedMoE,
     Routing,
     check_bools,
     check_choice,
-    check_probabilities,
-    check_sizes,
     count_ids,
-    routed_parameter_count,
 )
 from moe_layers.gshard import init_ffn_experts
 
@@ -225,29 +220,18 @@ class BaseLayer(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size")
-        n_experts: int
-        expert_size: int
+    class Config(ExpertsConfig):
         train_routing: str = "balanced"
-        dropout: float = 0.0
-        activation: str = "relu"
-        n_layers: int = 1
         zero_init_output: bool = False
         expert_norm: bool = False
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "n_layers")
             check_choice(self, "train_routing", ROUTINGS)
-            check_probabilities(self, "dropout")
-            check_choice(self, "activation", ACTIVATIONS)
             check_bools(self, "zero_init_output", "expert_norm")
-            check_choice(self, "impl", IMPLS)
 
         def parameter_count(self) -> ParameterCount:
-            count = routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
+            count = super().parameter_count()
             if not self.expert_norm:
                 return count
             norm = 2 * self.d_model

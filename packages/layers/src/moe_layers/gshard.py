@@ -15,22 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from moe_layers.base import (
-    ACTIVATIONS,
-    IMPLS,
     Experts,
-    LayerConfig,
+    ExpertsConfig,
     LinearRouter,
-    ParameterCount,
     RoutedMoE,
     Routing,
     check_bools,
     check_choice,
     check_non_negative,
     check_positive_or_none,
-    check_probabilities,
-    check_sizes,
     count_ids,
-    routed_parameter_count,
 )
 
 SECOND_POLICIES = ("sampling", "all", "random")
@@ -214,10 +208,7 @@ class GShardMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size")
-        n_experts: int
-        expert_size: int
+    class Config(ExpertsConfig):
         second_policy: str = "sampling"
         capacity_factor: float | None = 1.0
         eval_capacity_factor: float | None = None
@@ -225,25 +216,17 @@ class GShardMoE(RoutedMoE):
         load_balance_weight: float = 0.01
         gate_noise: float = 0.0
         stochastic_eval: bool = False
-        dropout: float = 0.0
-        activation: str = "relu"
-        n_layers: int = 1
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "n_layers")
             check_choice(self, "second_policy", SECOND_POLICIES)
             check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
             check_bools(self, "normalize_after_drop", "stochastic_eval")
             check_non_negative(self, "load_balance_weight", "gate_noise")
-            check_probabilities(self, "dropout")
-            check_choice(self, "activation", ACTIVATIONS)
-            check_choice(self, "impl", IMPLS)
 
-        def parameter_count(self) -> ParameterCount:
-            slots = min(2, self.n_experts)
-            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, slots)
+        @property
+        def slots(self) -> int:
+            return min(2, self.n_experts)
 
     def build_router(self) -> Top2Router:
         c = self.config

@@ -12,21 +12,16 @@ import torch
 from torch import Tensor
 
 from moe_layers.base import (
-    ACTIVATIONS,
-    IMPLS,
-    LayerConfig,
-    ParameterCount,
+    ExpertsConfig,
     RoutedMoE,
     Router,
     Routing,
     check_choice,
     check_id_range,
     check_option,
-    check_probabilities,
     check_sizes,
     count_ids,
     is_int,
-    routed_parameter_count,
 )
 from moe_layers.gshard import init_ffn_experts
 
@@ -82,31 +77,17 @@ class HashLayer(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size")
-        n_experts: int
-        expert_size: int
+    class Config(ExpertsConfig):
+        router_gate = False
         vocab_size: int
         seed: int = 0
         hash: str = "random"
-        dropout: float = 0.0
-        activation: str = "relu"
-        n_layers: int = 1
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "vocab_size", "n_layers")
+            check_sizes(self, "vocab_size")
             check_option(self, ["seed"], is_int, "an int")
             check_choice(self, "hash", HASHES)
-            check_probabilities(self, "dropout")
-            check_choice(self, "activation", ACTIVATIONS)
-            check_choice(self, "impl", IMPLS)
-
-        def parameter_count(self) -> ParameterCount:
-            return routed_parameter_count(
-                self.d_model, self.n_experts, self.expert_size, 1, gate=False
-            )
 
     def build_router(self) -> HashRouter:
         c = self.config

@@ -12,22 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_layers.base import (
-    ACTIVATIONS,
-    IMPLS,
-    LayerConfig,
-    ParameterCount,
-    RoutedMoE,
-    check_at_most,
-    check_choice,
-    check_non_negative,
-    check_option,
-    check_probabilities,
-    check_sizes,
-    is_int,
-    routed_parameter_count,
-)
-from moe_layers.sigma_moe import SigmoidTopKRouter, init_sigma_moe
+from moe_layers.base import RoutedMoE, check_option, is_int
+from moe_layers.sigma_moe import SigmoidRouterOptions, SigmoidTopKRouter, init_sigma_moe
 
 
 def sinkhorn_log(logits_TE: Tensor, n_iters: int) -> Tensor:
@@ -67,41 +53,17 @@ class SBaseMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size", "k")
-        n_experts: int
-        expert_size: int
-        k: int
+    class Config(SigmoidRouterOptions):
         sinkhorn_iters: int = 3
-        expert_dropout: float = 0.0
-        entropy_weight: float = 0.0
-        n_layers: int = 1
-        activation: str = "relu"
-        dropout: float = 0.0
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "k", "n_layers")
-            check_at_most(self, "k", self.n_experts, "n_experts")
             check_option(self, ["sinkhorn_iters"], lambda v: is_int(v) and v >= 0, "an int >= 0")
-            check_probabilities(self, "expert_dropout", "dropout")
-            check_non_negative(self, "entropy_weight")
-            check_choice(self, "activation", ACTIVATIONS)
-            check_choice(self, "impl", IMPLS)
-
-        def parameter_count(self) -> ParameterCount:
-            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, self.k)
 
     def build_router(self) -> SinkhornRouter:
         c = self.config
         return SinkhornRouter(
-            c.d_model,
-            c.n_experts,
-            c.k,
-            sinkhorn_iters=c.sinkhorn_iters,
-            expert_dropout=c.expert_dropout,
-            entropy_weight=c.entropy_weight,
+            c.d_model, c.n_experts, sinkhorn_iters=c.sinkhorn_iters, **c.router_options()
         )
 
     def reset_parameters(self) -> None:

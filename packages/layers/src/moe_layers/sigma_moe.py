@@ -14,20 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from moe_layers.base import (
-    ACTIVATIONS,
-    IMPLS,
-    LayerConfig,
+    ExpertsConfig,
     LinearRouter,
-    ParameterCount,
     RoutedMoE,
     Routing,
-    check_at_most,
+    TopK,
     check_choice,
     check_non_negative,
     check_probabilities,
-    check_sizes,
     count_ids,
-    routed_parameter_count,
 )
 
 INITS = ("dense", "expert_size")
@@ -68,6 +63,26 @@ def sigmoid_topk(
     removed_TK = drop_mask_TE.gather(1, idx_TK)
     gates_TK = gates_TK.masked_fill(removed_TK, 0.0)
     return idx_TK, gates_TK, count_ids(idx_TK, n_experts, keep=~removed_TK)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmoidRouterOptions(ExpertsConfig, TopK):
+    """The Config of a layer routed by SigmoidTopKRouter (σ-MoE and S-BASE): the experts, k, and
+    the router's regularisers expert_dropout (δ) and entropy_weight (γ); see SigmaMoE."""
+
+    expert_dropout: float = 0.0
+    entropy_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_probabilities(self, "expert_dropout")
+        check_non_negative(self, "entropy_weight")
+
+    def router_options(self) -> dict:
+        """SigmoidTopKRouter's arguments."""
+        return dict(
+            k=self.k, expert_dropout=self.expert_dropout, entropy_weight=self.entropy_weight
+        )
 
 
 class SigmoidTopKRouter(LinearRouter):
@@ -151,41 +166,16 @@ class SigmaMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size", "k")
-        n_experts: int
-        expert_size: int
-        k: int
-        expert_dropout: float = 0.0
-        entropy_weight: float = 0.0
-        activation: str = "relu"
-        n_layers: int = 1
-        dropout: float = 0.0
+    class Config(SigmoidRouterOptions):
         init: str = "dense"
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "k", "n_layers")
-            check_at_most(self, "k", self.n_experts, "n_experts")
-            check_probabilities(self, "expert_dropout", "dropout")
-            check_non_negative(self, "entropy_weight")
-            check_choice(self, "activation", ACTIVATIONS)
             check_choice(self, "init", INITS)
-            check_choice(self, "impl", IMPLS)
-
-        def parameter_count(self) -> ParameterCount:
-            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, self.k)
 
     def build_router(self) -> SigmoidTopKRouter:
         c = self.config
-        return SigmoidTopKRouter(
-            c.d_model,
-            c.n_experts,
-            c.k,
-            expert_dropout=c.expert_dropout,
-            entropy_weight=c.entropy_weight,
-        )
+        return SigmoidTopKRouter(c.d_model, c.n_experts, **c.router_options())
 
     def reset_parameters(self) -> None:
         init_sigma_moe(self, self.config.n_layers, self.config.init)

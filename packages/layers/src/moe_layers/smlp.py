@@ -28,20 +28,18 @@ import torch
 from torch import Tensor, nn
 
 from moe_layers.base import (
-    ACTIVATIONS,
     IMPLS,
     ConfiguredModule,
+    ExpertsConfig,
     LayerConfig,
     ModuleConfig,
     MoEModule,
     ParameterCount,
     check_choice,
     check_option,
-    check_probabilities,
     check_sizes,
     count_ids,
     is_finite,
-    routed_parameter_count,
 )
 from moe_layers.base_layer import BalancedAssignmentRouter, BaseLayer
 
@@ -62,26 +60,12 @@ class TMoE(BaseLayer):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size")
-        n_experts: int
-        expert_size: int
+    class Config(ExpertsConfig):
         routing: str = "base"
-        dropout: float = 0.0
-        activation: str = "relu"
-        n_layers: int = 1
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "n_layers")
             check_choice(self, "routing", TMOE_ROUTINGS)
-            check_probabilities(self, "dropout")
-            check_choice(self, "activation", ACTIVATIONS)
-            check_choice(self, "impl", IMPLS)
-
-        def parameter_count(self) -> ParameterCount:
-            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
 
     def build_router(self) -> BalancedAssignmentRouter:
         c = self.config

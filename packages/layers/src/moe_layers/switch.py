@@ -14,11 +14,8 @@ import torch
 from torch import Tensor
 
 from moe_layers.base import (
-    ACTIVATIONS,
-    IMPLS,
-    LayerConfig,
+    ExpertsConfig,
     LinearRouter,
-    ParameterCount,
     RoutedMoE,
     Routing,
     check_bools,
@@ -26,11 +23,8 @@ from moe_layers.base import (
     check_non_negative,
     check_option,
     check_positive_or_none,
-    check_probabilities,
-    check_sizes,
     count_ids,
     is_finite,
-    routed_parameter_count,
 )
 from moe_layers.sigma_moe import INITS, init_sigma_moe
 
@@ -156,41 +150,27 @@ class SwitchMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size")
-        n_experts: int
-        expert_size: int
+    class Config(ExpertsConfig):
         capacity_factor: float | None = None
         eval_capacity_factor: float | None = None
         capacity_rounding: str = "switch"
         load_balance_weight: float = 0.01
         balance_variant: str = "switch"
-        n_layers: int = 1
-        activation: str = "relu"
-        dropout: float = 0.0
         init: str = "dense"
         init_scale: float = 1.0
         normalize_gate_rows: bool = True
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(self, "n_experts", "expert_size", "n_layers")
             check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
             check_choice(self, "capacity_rounding", CAPACITY_ROUNDINGS)
             check_non_negative(self, "load_balance_weight")
             check_choice(self, "balance_variant", BALANCE_VARIANTS)
-            check_choice(self, "activation", ACTIVATIONS)
-            check_probabilities(self, "dropout")
             check_choice(self, "init", INITS)
             check_option(
                 self, ["init_scale"], lambda v: is_finite(v) and v > 0, "a finite number > 0"
             )
             check_bools(self, "normalize_gate_rows")
-            check_choice(self, "impl", IMPLS)
-
-        def parameter_count(self) -> ParameterCount:
-            return routed_parameter_count(self.d_model, self.n_experts, self.expert_size, 1)
 
     def build_router(self) -> SwitchRouter:
         c = self.config
