@@ -48,7 +48,7 @@ import moe_models
 import numpy as np
 
 from moe_train import checkpoint as ckpt
-from moe_train.config import RunConfig, resolve
+from moe_train.config import MAX_SEED, RunConfig, resolve
 from moe_train.errors import CLIError
 from moe_train.metrics import level_metrics, read_history, uses_bpc
 from moe_train.trainer import with_corpus_vocab
@@ -168,6 +168,10 @@ def parse_twins(value, source: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+# each seed is one training run per preset: more than this is a typo, not a plan
+MAX_SEED_COUNT = 100
+
+
 def parse_seeds(value, source: str) -> list[int]:
     """A count N (seeds 0..N-1), a list of seeds, or text: "3" or "0,4,7"."""
     if isinstance(value, str):
@@ -181,12 +185,19 @@ def parse_seeds(value, source: str) -> list[int]:
     if isinstance(value, bool):
         raise CLIError(f"{source}: seeds must be a count or a list of integers, got {value!r}")
     if isinstance(value, int):
-        if value < 1:
-            raise CLIError(f"{source}: seeds must be a positive count, got {value}")
+        if not 1 <= value <= MAX_SEED_COUNT:
+            raise CLIError(
+                f"{source}: seeds must be a count in [1, {MAX_SEED_COUNT}] (one run per seed and"
+                f" preset), got {value}"
+            )
         return list(range(value))
     if isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
+        if len(value) > MAX_SEED_COUNT:
+            raise CLIError(f"{source}: at most {MAX_SEED_COUNT} seeds, got {len(value)}")
+        if bad := [v for v in value if not 0 <= v <= MAX_SEED]:
+            raise CLIError(f"{source}: a seed must be in [0, {MAX_SEED}], got {bad[0]}")
         return list(value)
     raise CLIError(f"{source}: seeds must be a count or a list of integers, got {value!r}")
 

@@ -30,6 +30,9 @@ from moe_train import plugins as plugins_mod
 from moe_train.errors import CLIError
 
 DEFAULT_PRESET = "tiny-sigma-moe"
+# seeds reach torch.manual_seed (below 2**64, and the trainer derives per-rank seeds from them)
+# and numpy: 2**32 - 1, numpy's own bound, keeps every use in range
+MAX_SEED = 2**32 - 1
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -92,8 +95,9 @@ class TrainConfig:
         )
         for name in positive_ints:
             _check(self, name, lambda v: v > 0, "a positive integer")
-        for name in ("warmup_steps", "eval_batches", "final_eval_batches", "seed"):
+        for name in ("warmup_steps", "eval_batches", "final_eval_batches"):
             _check(self, name, lambda v: v >= 0, "an integer >= 0")
+        _check(self, "seed", lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
         _check(self, "lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
         for name in ("weight_decay", "grad_clip"):
             _check(self, name, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -299,6 +303,9 @@ def _argument_type(name: str, parse, ok, requirement: str):
 
 positive_int = _argument_type("positive_int", int, lambda v: v > 0, "a positive integer")
 non_negative_int = _argument_type("non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
+seed_int = _argument_type(
+    "seed_int", int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"
+)
 positive_float = _argument_type(
     "positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"
 )

@@ -10,7 +10,13 @@ import math
 import sys
 
 from moe_train.commands.common import add_plugin_flag
-from moe_train.config import _argument_type, non_negative_int, positive_float, positive_int
+from moe_train.config import (
+    _argument_type,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from moe_train.errors import CLIError
 
 NAME = "generate"
@@ -31,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=positive_int, help="sample from the k likeliest tokens")
     p.add_argument("--top-p", type=top_p_type, help="sample from the smallest set of mass >= p")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto")
     add_plugin_flag(p)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from moe_train.commands.common import add_plugin_flag, add_vocab_data_flag
-from moe_train.config import non_negative_int
+from moe_train.config import non_negative_int, seed_int
 from moe_train.errors import CLIError
 
 NAME = "prime"
@@ -23,7 +23,7 @@ def add_task_arguments(p) -> None:
     p.add_argument("--task", required=True, help="task JSONL file")
     add_vocab_data_flag(p)
     p.add_argument("--k-shot", type=non_negative_int, default=0, help="demonstrations per prompt")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument(
         "--normalize",
         action="store_true",
