@@ -60,13 +60,13 @@ def reference_glu_expert_mlp(
 
 
 def glu_expert_mlp(x_TD, w1_EDG, w3_EDG, w2_EGD, idx_TK, gates_TK, hidden_dropout: float = 0.0):
-    """The fast SwiGLU experts: the three expert matmuls of moe_kernels, the gating between them
-    (the slot-major [T, K, G] hidden is materialised, unlike expert_mlp's fused relu path)."""
+    """The fast SwiGLU experts: moe_kernels.expert_mlp's gated activation; with hidden dropout
+    the three expert matmuls run separately (expert_mlp fuses them), the gating between them."""
+    if hidden_dropout == 0:
+        return moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, "swiglu", w3=w3_EDG)
     a_TKG = moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK)
     b_TKG = moe_kernels.expert_matmul(x_TD, w3_EDG, idx_TK)
-    u_TKG = F.silu(a_TKG) * b_TKG
-    if hidden_dropout > 0:
-        u_TKG = F.dropout(u_TKG, hidden_dropout)
+    u_TKG = F.dropout(F.silu(a_TKG) * b_TKG, hidden_dropout)
     return moe_kernels.expert_matmul(u_TKG, w2_EGD, idx_TK, gates_TK)
 
 
