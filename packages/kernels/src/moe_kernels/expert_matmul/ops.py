@@ -41,7 +41,7 @@ from moe_kernels.expert_matmul.activations import (
 )
 from moe_kernels.expert_matmul.cpu import choose_torch_backend
 from moe_kernels.expert_matmul.rows import Rows
-from moe_kernels.library import define
+from moe_kernels.library import define, register_autograd, register_fake
 from moe_kernels.routing.dispatch import sort_routing
 from moe_kernels.routing.naive import Routing
 from moe_kernels.routing.validate import check_idx_values
@@ -142,7 +142,7 @@ def _matmul_body(
 expert_matmul_op = define("expert_matmul", _matmul_body)
 
 
-@expert_matmul_op.register_fake
+@register_fake(expert_matmul_op)
 def _(x, w_EIO, idx_TK, gates_TK, backend):
     T, K = idx_TK.shape
     E, I, O = w_EIO.shape
@@ -201,7 +201,7 @@ def _matmul_backward_body(
 expert_matmul_backward_op = define("expert_matmul_backward", _matmul_backward_body)
 
 
-@expert_matmul_backward_op.register_fake
+@register_fake(expert_matmul_backward_op)
 def _(grad_out, x, w_EIO, gates_TK, order_N, inverse_N, offsets_E1, counts_E, xs_NI, backend,
       x_per_slot, need_x, need_w, need_gates):  # fmt: skip
     T = grad_out.shape[0]
@@ -236,7 +236,7 @@ def _matmul_backward(ctx, grad_out, *_):
     return dx, dw, None, dgates, None
 
 
-expert_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+register_autograd(expert_matmul_op, _matmul_backward, setup_context=_matmul_setup_context)
 
 
 def _mlp_body(
@@ -269,7 +269,7 @@ def _mlp_body(
 expert_mlp_op = define("expert_mlp", _mlp_body)
 
 
-@expert_mlp_op.register_fake
+@register_fake(expert_mlp_op)
 def _(x_TD, w1_EDG, w2_EGD, w3_EDG, idx_TK, gates_TK, activation, backend):
     T, K = idx_TK.shape
     E, D, G = w1_EDG.shape
@@ -343,7 +343,7 @@ def _mlp_backward_body(
 expert_mlp_backward_op = define("expert_mlp_backward", _mlp_backward_body)
 
 
-@expert_mlp_backward_op.register_fake
+@register_fake(expert_mlp_backward_op)
 def _(grad_TD, x_TD, w1_EDG, w2_EGD, w3_EDG, gates_TK, order_N, inverse_N, offsets_E1, counts_E,
       h_NH, activation, backend, need_x, need_w1, need_w2, need_w3, need_gates):  # fmt: skip
     def grad(need, *shape):
@@ -381,4 +381,4 @@ def _mlp_backward(ctx, grad_TD, *_):
     return dx, dw1, dw2, dw3, None, dgates, None, None
 
 
-expert_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+register_autograd(expert_mlp_op, _mlp_backward, setup_context=_mlp_setup_context)

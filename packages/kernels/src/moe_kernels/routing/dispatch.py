@@ -5,7 +5,7 @@ import importlib.util
 
 import torch
 
-from moe_kernels.library import define
+from moe_kernels.library import define, register_fake
 from moe_kernels.routing.naive import Routing
 from moe_kernels.routing.sort import sort_by_expert_torch
 from moe_kernels.routing.validate import check_idx, check_idx_values
@@ -33,7 +33,7 @@ def _sort_body(
 sort_by_expert_op = define("sort_by_expert", _sort_body)
 
 
-@sort_by_expert_op.register_fake
+@register_fake(sort_by_expert_op)
 def _(idx_TK, n_experts, backend):
     N = idx_TK.numel()
     like = dict(dtype=torch.long, device=idx_TK.device)
