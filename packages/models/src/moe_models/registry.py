@@ -78,6 +78,7 @@ BUILTIN_FFNS = {
     "base": moe_layers.BaseLayer,
     "hash": moe_layers.HashLayer,
     "tmoe": moe_layers.TMoE,
+    "token_choice": moe_layers.TokenChoiceMoE,
 }
 for _name, _layer in BUILTIN_FFNS.items():
     register_ffn(_name, _layer.Config)

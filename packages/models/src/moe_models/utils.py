@@ -157,14 +157,17 @@ def flops_per_token(model_or_config) -> int:
     return int(2 * (active - lookups + head) + 2 * _mixing_flops(cfg))
 
 
-def _dense_size(params: int, d_model: int, bias: bool) -> int:
-    """d_ff of the dense FFN (with or without biases) holding `params` parameters."""
-    return max(1, round((params - (d_model if bias else 0)) / (2 * d_model + (1 if bias else 0))))
+def _dense_size(params: int, d_model: int, bias: bool, glu: bool = False) -> int:
+    """d_ff of the dense FFN (with or without biases; a GLU has three matrices) holding `params`
+    parameters."""
+    matrices = 3 if glu else 2
+    per_unit = matrices * d_model + (matrices - 1 if bias else 0)
+    return max(1, round((params - (d_model if bias else 0)) / per_unit))
 
 
 def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
     """The dense counterpart of a MoE config: each FFN that is not dense becomes a dense FFN
-    (with biases) holding as many parameters as it ("params") or as many active parameters per
+    (with biases; SwiGLU where the layer's activation is) holding as many parameters as it ("params") or as many active parameters per
     token ("compute"); a layer's standalone MoE block is taken out and its parameters added to
     that layer's dense FFN. Everything else is unchanged."""
     if match not in ("params", "compute"):
@@ -178,10 +181,11 @@ def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
             continue
         counts = [_ffn_counts(cfg, i)] + ([] if extra is None else [_layer_counts(extra)])
         size = sum(c.total if match == "params" else c.active for c in counts)
+        activation = getattr(f, "activation", cfg.activation)
         twins[i] = {
             "type": "dense",
-            "d_ff": _dense_size(size, cfg.d_model, True),
-            "activation": getattr(f, "activation", cfg.activation),
+            "d_ff": _dense_size(size, cfg.d_model, True, activation == "swiglu"),
+            "activation": activation,
             "dropout": getattr(f, "dropout", 0.0),
         }
     if not twins:
