@@ -43,7 +43,7 @@ LAYERS = [
     (SMoE, dict(d_model=D, n_experts=2, seq_len=T)),
     (
         TokenChoiceMoE,
-        dict(d_model=D, n_experts=4, expert_size=3, n_shared_experts=1, z_loss_weight=0.1),
+        dict(d_model=D, n_experts=4, expert_size=3, k=2, n_shared_experts=1, z_loss_weight=0.1),
     ),
     (CausalSGU, dict(d_ffn=D, seq_len=T)),
 ]
@@ -309,15 +309,7 @@ def _weight_off(layer):
 
 
 def _per_expert(layer) -> int:
-    return (layer.experts.w1.numel() + layer.experts.w2.numel()) // layer.experts.w1.shape[0]
-
-
-def _per_glu_expert(layer) -> int:
-    return (
-        _per_expert(layer) + layer.experts.w3[0].numel()
-        if hasattr(layer.experts, "w3")
-        else _per_expert(layer)
-    )
+    return sum(p.numel() for p in layer.experts.parameters()) // layer.experts.w1.shape[0]
 
 
 def _router(layer) -> int:
@@ -347,7 +339,7 @@ ACTIVE = {
     ),
     TokenChoiceMoE: lambda m: (
         _router(m)
-        + m.config.k * _per_glu_expert(m)
+        + m.config.k * _per_expert(m)
         + (0 if m.shared is None else sum(p.numel() for p in m.shared.parameters()))
     ),
     # the dense path reads every value row

@@ -20,6 +20,19 @@ def test_is_the_two_layer_mlp():
     torch.testing.assert_close(layer(x), expected + layer.fc2.bias)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_swiglu_is_the_gated_mlp(bias):
+    torch.manual_seed(0)
+    layer = DenseFFN(4, 7, activation="swiglu", bias=bias).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fc1, fc2, fc3 = layer.fc1, layer.fc2, layer.fc3
+    b = (lambda fc: fc.bias) if bias else (lambda fc: 0)
+    u = torch.nn.functional.silu(x @ fc1.weight.t() + b(fc1)) * (x @ fc3.weight.t() + b(fc3))
+    torch.testing.assert_close(layer(x), u @ fc2.weight.t() + b(fc2))
+    assert layer.config.parameter_count().total == sum(p.numel() for p in layer.parameters())
+    assert DenseFFN(4, 7).fc3 is None
+
+
 @pytest.mark.parametrize("n_layers", [1, 6])
 def test_init_std(n_layers):
     torch.manual_seed(1)

@@ -9,7 +9,13 @@ import torch
 import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
-from moe_layers import TokenChoiceMoE, TopKRouter, after_optimizer_step, collect_routing_stats
+from moe_layers import (
+    ExpertParallel,
+    TokenChoiceMoE,
+    TopKRouter,
+    after_optimizer_step,
+    collect_routing_stats,
+)
 from moe_layers.router import balance_loss, router_z_loss
 from torch import nn
 
@@ -249,9 +255,14 @@ def test_expert_bias_logged_with_the_routing_statistics():
     stats = layer.routing_stats
     assert torch.equal(stats.expert_bias, layer.router.expert_bias)
     assert stats.expert_bias.data_ptr() != layer.router.expert_bias.data_ptr()
-    plain = TokenChoiceMoE(4, 3, 2)
+    plain = TokenChoiceMoE(4, 3, 2, 2)
     plain(torch.randn(2, 4))
     assert plain.routing_stats.expert_bias is None
+
+
+def test_expert_parallel_refuses_gated_experts():
+    with pytest.raises(ValueError, match="w1, w2, w3"):
+        ExpertParallel(TokenChoiceMoE(4, 4, 2, 2, activation="swiglu"))
 
 
 def test_two_gloo_ranks_see_the_global_batch(monkeypatch):

@@ -53,6 +53,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+# gated activations: act(x @ w1) * (x @ w3), a third matrix per expert (SwiGLU: act = silu)
+GATED_ACTIVATIONS = {"swiglu": F.silu}
 IMPLS = ("fast", "reference")
 
 
@@ -470,20 +472,31 @@ class LinearRouter(Router):
 
 
 def reference_expert_mlp(
-    x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, activation: str, hidden_dropout: float = 0.0
+    x_TD,
+    w1_EDG,
+    w2_EGD,
+    idx_TK,
+    gates_TK,
+    activation: str,
+    hidden_dropout: float = 0.0,
+    w3_EDG: Tensor | None = None,
 ) -> Tensor:
     """Readable reference of the expert computation: a loop over experts. It reads the device
     (nonzero per expert), as the references may; the fast path (moe_kernels) does not.
 
-    y[t] = sum_k gates[t, k] * dropout(act(x[t] @ w1[idx[t, k]])) @ w2[idx[t, k]].
+    y[t] = sum_k gates[t, k] * dropout(act(x[t] @ w1[idx[t, k]])) @ w2[idx[t, k]]; a gated
+    activation (GATED_ACTIVATIONS, with w3) uses act(x[t] @ w1[e]) * (x[t] @ w3[e]) instead.
     `hidden_dropout` > 0 applies (training-mode) dropout to the expert hidden activations.
     """
-    act = ACTIVATIONS[activation]
+    gated = activation in GATED_ACTIVATIONS
+    act = GATED_ACTIVATIONS[activation] if gated else ACTIVATIONS[activation]
     y_TD = torch.zeros_like(x_TD)
     for e in range(w1_EDG.shape[0]):
         # an expert without tokens still joins the graph, so that y has a gradient path (zeros)
         tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
         u = act(x_TD[tok] @ w1_EDG[e])
+        if gated:
+            u = u * (x_TD[tok] @ w3_EDG[e])
         if hidden_dropout > 0:
             u = F.dropout(u, hidden_dropout)
         h = u @ w2_EGD[e]
@@ -493,14 +506,15 @@ def reference_expert_mlp(
 
 class Experts(nn.Module):
     """E two-layer MLPs `act(x @ w1[e]) @ w2[e]`: `experts(x_TD, idx_TK, gates_TK) -> y_TD`,
-    y[t] = sum_k gates[t, k] * expert_{idx[t, k]}(x[t]).
+    y[t] = sum_k gates[t, k] * expert_{idx[t, k]}(x[t]); with a gated activation ("swiglu")
+    `(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`.
 
     impl: "fast" runs moe_kernels.expert_mlp, "reference" the loop over experts above.
     hidden_dropout: dropout on the expert hidden activations in training (the σ-MoE code's
         `dropout`); the fast path then runs the two expert matmuls separately, since expert_mlp
         fuses them.
     The arguments come from a layer's validated Config; parameters are left uninitialised for the
-    layer to initialise. Parameters: w1 [E, D, G], w2 [E, G, D].
+    layer to initialise. Parameters: w1 [E, D, G], w2 [E, G, D] (and w3 [E, D, G], gated).
     """
 
     def __init__(
@@ -523,13 +537,16 @@ class Experts(nn.Module):
     def weight_shapes(
         d_model: int, n_experts: int, expert_size: int, activation: str
     ) -> dict[str, tuple[int, int, int]]:
-        """The expert weights by name: w1 [E, D, G], w2 [E, G, D], whatever the activation.
+        """The expert weights by name: w1 [E, D, G], w2 [E, G, D], and w3 [E, D, G] for a gated
+        activation (GATED_ACTIVATIONS).
 
         The one place that says which matrices an expert has: `Experts` creates them and
-        `ExpertsConfig.parameter_count` counts them from it, so that an activation with more
-        weights (a gated one's w3 [E, D, G]) is added here once.
+        `ExpertsConfig.parameter_count` counts them from it.
         """
-        return {"w1": (n_experts, d_model, expert_size), "w2": (n_experts, expert_size, d_model)}
+        shapes = {"w1": (n_experts, d_model, expert_size), "w2": (n_experts, expert_size, d_model)}
+        if activation in GATED_ACTIVATIONS:
+            shapes["w3"] = (n_experts, d_model, expert_size)
+        return shapes
 
     def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
         p = self.hidden_dropout if self.training else 0.0
@@ -538,14 +555,24 @@ class Experts(nn.Module):
         dtype = compute_dtype(x_TD)
         x_TD, gates_TK = x_TD.to(dtype), gates_TK.to(dtype)
         w1_EDG, w2_EGD = self.w1.to(dtype), self.w2.to(dtype)
+        gated = self.activation in GATED_ACTIVATIONS
+        w3_EDG = self.w3.to(dtype) if gated else None
         if self.impl == "reference":
             return reference_expert_mlp(
-                x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, hidden_dropout=p
+                x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, p, w3_EDG
             )
         if p > 0:
-            u_TKG = ACTIVATIONS[self.activation](moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK))
+            if gated:
+                a_TKG = moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK)
+                u_TKG = GATED_ACTIVATIONS[self.activation](a_TKG)
+                u_TKG = u_TKG * moe_kernels.expert_matmul(x_TD, w3_EDG, idx_TK)
+            else:
+                a_TKG = moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK)
+                u_TKG = ACTIVATIONS[self.activation](a_TKG)
             return moe_kernels.expert_matmul(F.dropout(u_TKG, p), w2_EGD, idx_TK, gates_TK)
-        return moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation)
+        return moe_kernels.expert_mlp(
+            x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, w3=w3_EDG
+        )
 
 
 def routed_parameter_count(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from moe_layers.base import (
     ACTIVATIONS,
+    GATED_ACTIVATIONS,
     LayerConfig,
     MoEModule,
     ParameterCount,
@@ -18,8 +18,7 @@ from moe_layers.base import (
     check_sizes,
 )
 
-
-DENSE_ACTIVATIONS = (*ACTIVATIONS, "swiglu")
+DENSE_ACTIVATIONS = (*ACTIVATIONS, *GATED_ACTIVATIONS)
 
 
 def dense_parameters(d_model: int, d_ff: int, bias: bool, glu: bool) -> int:
@@ -56,7 +55,8 @@ class DenseFFN(MoEModule):
             check_bools(self, "bias")
 
         def parameter_count(self) -> ParameterCount:
-            n = dense_parameters(self.d_model, self.d_ff, self.bias, self.activation == "swiglu")
+            glu = self.activation in GATED_ACTIVATIONS
+            n = dense_parameters(self.d_model, self.d_ff, self.bias, glu)
             return ParameterCount(total=n, active=n)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -64,8 +64,8 @@ class DenseFFN(MoEModule):
         c = self.config
         self.fc1 = nn.Linear(c.d_model, c.d_ff, bias=c.bias)
         self.fc2 = nn.Linear(c.d_ff, c.d_model, bias=c.bias)
-        glu = c.activation == "swiglu"
-        self.fc3 = nn.Linear(c.d_model, c.d_ff, bias=c.bias) if glu else None
+        gated = c.activation in GATED_ACTIVATIONS
+        self.fc3 = nn.Linear(c.d_model, c.d_ff, bias=c.bias) if gated else None
         self.dropout = nn.Dropout(c.dropout)
         scale = (2.0 / c.n_layers) ** 0.5
         for fc in (self.fc1, self.fc2, self.fc3):
@@ -76,7 +76,7 @@ class DenseFFN(MoEModule):
 
     def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
         if self.fc3 is not None:
-            u = F.silu(self.fc1(x_TD)) * self.fc3(x_TD)
+            u = GATED_ACTIVATIONS[self.config.activation](self.fc1(x_TD)) * self.fc3(x_TD)
         else:
             u = ACTIVATIONS[self.config.activation](self.fc1(x_TD))
         return self.fc2(self.dropout(u))

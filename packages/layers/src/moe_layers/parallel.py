@@ -128,6 +128,12 @@ class ExpertParallel(nn.Module):
             raise ValueError(
                 f"ExpertParallel shards an Experts module, got {type(layer.experts).__name__}"
             )
+        weights = sorted(name for name, _ in layer.experts.named_parameters())
+        if weights != ["w1", "w2"]:
+            raise ValueError(
+                f"ExpertParallel shards experts of weights w1 and w2, got {', '.join(weights)} "
+                f"(activation {layer.experts.activation!r})"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
                 "ExpertParallel needs an initialised torch.distributed process group "

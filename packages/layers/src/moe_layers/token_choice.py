@@ -10,24 +10,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import moe_kernels
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moe_layers.base import (
     ACTIVATIONS,
-    IMPLS,
+    GATED_ACTIVATIONS,
     Experts,
-    LayerConfig,
+    ExpertsConfig,
     ParameterCount,
     RoutedMoE,
+    TopK,
     check_at_most,
     check_bools,
     check_choice,
     check_non_negative,
     check_option,
-    check_probabilities,
     check_sizes,
     compute_dtype,
     is_finite,
@@ -35,72 +34,9 @@ from moe_layers.base import (
 )
 from moe_layers.router import SCORES, TopKRouter
 
-TOKEN_CHOICE_ACTIVATIONS = (*ACTIVATIONS, "swiglu")
-
 
 def is_glu(activation: str) -> bool:
-    return activation == "swiglu"
-
-
-def reference_glu_expert_mlp(
-    x_TD, w1_EDG, w3_EDG, w2_EGD, idx_TK, gates_TK, hidden_dropout: float = 0.0
-) -> Tensor:
-    """Readable reference of SwiGLU experts, a loop over experts (reads the device):
-    y[t] = sum_k gates[t, k] * (silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e], e = idx[t, k]."""
-    y_TD = torch.zeros_like(x_TD)
-    for e in range(w1_EDG.shape[0]):
-        tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
-        x_ND = x_TD[tok]
-        u = F.silu(x_ND @ w1_EDG[e]) * (x_ND @ w3_EDG[e])
-        if hidden_dropout > 0:
-            u = F.dropout(u, hidden_dropout)
-        h = u @ w2_EGD[e]
-        y_TD = y_TD.index_add(0, tok, h * gates_TK[tok, slot].unsqueeze(-1).to(h.dtype))
-    return y_TD
-
-
-def glu_expert_mlp(x_TD, w1_EDG, w3_EDG, w2_EGD, idx_TK, gates_TK, hidden_dropout: float = 0.0):
-    """The fast SwiGLU experts: moe_kernels.expert_mlp's gated activation; with hidden dropout
-    the three expert matmuls run separately (expert_mlp fuses them), the gating between them."""
-    if hidden_dropout == 0:
-        return moe_kernels.expert_mlp(x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, "swiglu", w3=w3_EDG)
-    a_TKG = moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK)
-    b_TKG = moe_kernels.expert_matmul(x_TD, w3_EDG, idx_TK)
-    u_TKG = F.dropout(F.silu(a_TKG) * b_TKG, hidden_dropout)
-    return moe_kernels.expert_matmul(u_TKG, w2_EGD, idx_TK, gates_TK)
-
-
-class GLUExperts(Experts):
-    """E SwiGLU MLPs `(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`; otherwise as `Experts`.
-
-    Parameters: w1 [E, D, G] (the gate projection), w3 [E, D, G] (the up projection), w2 [E, G, D].
-    """
-
-    def __init__(self, d_model, n_experts, expert_size, *, hidden_dropout=0.0, impl="fast"):
-        super().__init__(
-            d_model,
-            n_experts,
-            expert_size,
-            activation="swiglu",
-            hidden_dropout=hidden_dropout,
-            impl=impl,
-        )
-        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
-
-    def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
-        p = self.hidden_dropout if self.training else 0.0
-        dtype = compute_dtype(x_TD)
-        args = (
-            x_TD.to(dtype),
-            self.w1.to(dtype),
-            self.w3.to(dtype),
-            self.w2.to(dtype),
-            idx_TK,
-            gates_TK.to(dtype),
-        )
-        if self.impl == "reference":
-            return reference_glu_expert_mlp(*args, hidden_dropout=p)
-        return glu_expert_mlp(*args, hidden_dropout=p)
+    return activation in GATED_ACTIVATIONS
 
 
 class SharedExperts(nn.Module):
@@ -122,7 +58,7 @@ class SharedExperts(nn.Module):
 
     def forward(self, x_TD: Tensor) -> Tensor:
         if self.w3 is not None:
-            u_TS = F.silu(x_TD @ self.w1) * (x_TD @ self.w3)
+            u_TS = GATED_ACTIVATIONS[self.activation](x_TD @ self.w1) * (x_TD @ self.w3)
         else:
             u_TS = ACTIVATIONS[self.activation](x_TD @ self.w1)
         y_TD = F.dropout(u_TS, self.hidden_dropout, self.training) @ self.w2
@@ -156,11 +92,8 @@ class TokenChoiceMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(LayerConfig):
-        positional = ("d_model", "n_experts", "expert_size")
-        n_experts: int
-        expert_size: int
-        k: int = 2
+    class Config(ExpertsConfig, TopK):
+        activations = (*ACTIVATIONS, *GATED_ACTIVATIONS)
         activation: str = "swiglu"
         n_shared_experts: int = 0
         shared_expert_size: int | None = None
@@ -174,18 +107,10 @@ class TokenChoiceMoE(RoutedMoE):
         z_loss_weight: float = 0.0
         balance_loss_weight: float = 0.0
         bias_update_rate: float | None = None
-        n_layers: int = 1
         init_std: float | None = None
-        dropout: float = 0.0
-        impl: str = "fast"
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_sizes(
-                self, "n_experts", "expert_size", "k", "n_groups", "topk_groups", "n_layers"
-            )
-            check_at_most(self, "k", self.n_experts, "n_experts")
-            check_choice(self, "activation", TOKEN_CHOICE_ACTIVATIONS)
             check_option(self, ["n_shared_experts"], lambda v: is_int(v) and v >= 0, "an int >= 0")
             check_option(
                 self,
@@ -202,6 +127,7 @@ class TokenChoiceMoE(RoutedMoE):
             positive = (lambda v: is_finite(v) and v > 0, "a finite number > 0")
             check_option(self, ["route_scale"], *positive)
             check_option(self, ["init_std"], lambda v: v is None or positive[0](v), "None or > 0")
+            check_sizes(self, "n_groups", "topk_groups")
             if self.n_experts % self.n_groups:
                 raise ValueError(
                     f"n_groups must divide n_experts ({self.n_experts}), got {self.n_groups}"
@@ -220,23 +146,17 @@ class TokenChoiceMoE(RoutedMoE):
                 lambda v: v is None or (is_finite(v) and v >= 0),
                 "None or a finite number >= 0",
             )
-            check_probabilities(self, "dropout")
-            check_choice(self, "impl", IMPLS)
 
         @property
         def shared_width(self) -> int:
             return self.n_shared_experts * (self.shared_expert_size or self.expert_size)
 
         def parameter_count(self) -> ParameterCount:
+            routed = super().parameter_count()
             matrices = 3 if is_glu(self.activation) else 2
-            router = self.n_experts * self.d_model
-            expert = matrices * self.d_model * self.expert_size
             shared = matrices * self.d_model * self.shared_width
             shared += self.d_model if self.shared_expert_gate else 0
-            always = router + shared
-            return ParameterCount(
-                total=always + self.n_experts * expert, active=always + self.k * expert
-            )
+            return ParameterCount(total=routed.total + shared, active=routed.active + shared)
 
     def build_experts(self) -> Experts:
         """The routed experts; the shared ones (`self.shared`, None without) are built here too, so
@@ -247,18 +167,7 @@ class TokenChoiceMoE(RoutedMoE):
             if c.n_shared_experts
             else None
         )
-        if is_glu(c.activation):
-            return GLUExperts(
-                c.d_model, c.n_experts, c.expert_size, hidden_dropout=c.dropout, impl=c.impl
-            )
-        return Experts(
-            c.d_model,
-            c.n_experts,
-            c.expert_size,
-            activation=c.activation,
-            hidden_dropout=c.dropout,
-            impl=c.impl,
-        )
+        return super().build_experts()
 
     def build_router(self) -> TopKRouter:
         c = self.config
