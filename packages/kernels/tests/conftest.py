@@ -167,6 +167,20 @@ def check_mlp_case(case: Case, backend: str, device="cpu") -> None:
     assert_close_to_reference(fast, ref, ref64, names)
 
 
+def check_mlp_forward_case(case: Case, backend: str, device="cpu") -> None:
+    """The output alone, computed without autograd (the forward-only paths)."""
+    inputs = make_inputs(case, "mlp", device)
+    kw = dict(activation=case.activation)
+    with torch.no_grad():
+        fast = moe_kernels.expert_mlp(**inputs, backend=backend, **kw)
+        ref = moe_kernels.expert_mlp_naive(**_rename(inputs), **kw)
+        ref64 = moe_kernels.expert_mlp_naive(
+            **{k: v.double() if v.is_floating_point() else v for k, v in _rename(inputs).items()},
+            **kw,
+        )
+    assert_close_to_reference([fast], [ref], [ref64], ["out"])
+
+
 def _rename(inputs: dict) -> dict:
     """expert_mlp_naive spells its arguments with shape suffixes (and in the same order)."""
     renamed = dict(
@@ -191,4 +205,5 @@ def kt() -> SimpleNamespace:
         make_inputs=make_inputs,
         check_matmul_case=check_matmul_case,
         check_mlp_case=check_mlp_case,
+        check_mlp_forward_case=check_mlp_forward_case,
     )

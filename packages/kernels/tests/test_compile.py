@@ -5,6 +5,7 @@ and a new token count adding at most one recompilation and no graph break."""
 import moe_kernels
 import pytest
 import torch
+from moe_kernels.expert_matmul.gathered import expert_mlp_gathered_op
 from moe_kernels.expert_matmul.ops import expert_matmul_op, expert_mlp_op
 from moe_kernels.routing.dispatch import sort_by_expert_op
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -96,6 +97,22 @@ OPCHECKS = [
     ),
     (sort_by_expert_op, lambda x, w1, w2, idx, g: (idx, E, "torch")),
 ]
+
+
+def test_small_batch_gather_path_compiles_fullgraph():
+    """Decoding: one token under no_grad takes the gather op, traced whole."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_swiglu, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for T in (1, 1):
+            inputs = _inputs(T, seed=T)
+            torch.testing.assert_close(compiled(*inputs), _swiglu(*inputs), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
+def test_gather_op_registration():
+    x, w1, w2, idx, gates = _inputs(2)
+    torch.library.opcheck(expert_mlp_gathered_op, (x, w1, w2, w1.flip(0), idx, gates, "swiglu"))
 
 
 def _opcheck(op, args):

@@ -20,6 +20,40 @@ def test_grouped_mm_sizes_match_reference(data, kt):
     kt.check_mlp_case(data.draw(kt.cases(aligned=True)), "torch_grouped")
 
 
+@given(data=st.data())
+def test_small_batch_gather_path_matches_reference(data, kt):
+    """backend 'gather' (forward only): the chosen experts' weights gathered, one bmm each."""
+    kt.check_mlp_forward_case(data.draw(kt.cases(max_T=6)), "gather")
+
+
+@given(data=st.data())
+def test_auto_without_gradients_matches_reference(data, kt):
+    """'auto' under no_grad: the gather path for T * K <= E / 2, the sorted path above."""
+    kt.check_mlp_forward_case(data.draw(kt.cases(max_T=12, max_E=16)), "auto")
+
+
+def test_auto_takes_the_gather_path_only_for_few_rows_without_gradients(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        moe_kernels, "expert_mlp_gathered_op", lambda *args: calls.append(args) or args[0]
+    )
+    args = _good(T=2, K=2, E=8)
+    with torch.no_grad():
+        moe_kernels.expert_mlp(**args)  # T * K = 4 = E / 2
+        assert len(calls) == 1
+        moe_kernels.expert_mlp(**_good(T=3, K=2, E=8))
+        assert len(calls) == 1
+    moe_kernels.expert_mlp(**{**args, "x": args["x"].requires_grad_()})
+    assert len(calls) == 1
+
+
+def test_gather_path_refuses_gradients():
+    args = _good()
+    args["w1"].requires_grad_()
+    with pytest.raises(ValueError, match="forward-only.*w1"):
+        moe_kernels.expert_mlp(**args, backend="gather")
+
+
 @pytest.mark.triton
 @given(data=st.data())
 def test_triton_kernels_match_reference(data, kt):

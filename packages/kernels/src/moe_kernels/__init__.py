@@ -10,6 +10,7 @@ import importlib.metadata
 
 import torch
 
+from moe_kernels.expert_matmul.gathered import expert_mlp_gathered_op, takes_gathered
 from moe_kernels.expert_matmul.naive import expert_matmul_naive, expert_mlp_naive
 from moe_kernels.expert_matmul.ops import expert_matmul_op, expert_mlp_op
 from moe_kernels.expert_matmul.validate import check_matmul, check_mlp
@@ -52,9 +53,13 @@ def expert_mlp(
     w1 [E, D, G], w2 [E, G, D], idx and gates [T, K]; activation "relu", "gelu" (exact erf form),
     "silu", or the gated "swiglu": silu(x[t] @ w1[e]) * (x[t] @ w3[e]) in place of act(...),
     with w3 [E, D, G] (required for it, refused otherwise). Gates may hold zeros (dropped
-    slots). backend as for expert_matmul.
+    slots). backend as for expert_matmul, or "gather" (forward only): the small-batch path,
+    which gathers the chosen experts' weights and runs one bmm per product; "auto" and "torch"
+    take it by themselves for few rows (T * K <= E / 2) when no gradient is needed (decoding).
     """
     check_mlp(x, w1, w2, idx, gates, activation, backend, w3)
+    if takes_gathered(backend, idx, w1.shape[0], x, w1, w2, w3, gates):
+        return expert_mlp_gathered_op(x, w1, w2, w3, idx, gates, activation)
     return expert_mlp_op(x, w1, w2, w3, idx, gates, activation, backend)[0]
 
 

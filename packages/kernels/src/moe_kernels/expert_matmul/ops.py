@@ -47,6 +47,7 @@ from moe_kernels.routing.naive import Routing
 from moe_kernels.routing.validate import check_idx_values
 
 BACKENDS = ("auto", "torch", "torch_grouped", "torch_padded", "triton")
+MLP_BACKENDS = (*BACKENDS, "gather")  # the small-batch path (expert_matmul.gathered)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton is optional (CUDA builds of torch bring it); without it 'auto' stays on the torch backend
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -7,7 +7,7 @@ under torch.compile; the ids themselves are checked inside the ops (routing.vali
 import torch
 
 from moe_kernels.expert_matmul.activations import ACTIVATIONS, GATED_ACTIVATIONS
-from moe_kernels.expert_matmul.ops import BACKENDS, HAS_TRITON
+from moe_kernels.expert_matmul.ops import BACKENDS, HAS_TRITON, MLP_BACKENDS
 from moe_kernels.routing.validate import check_idx
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -28,7 +28,7 @@ def _same_kind(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
-def check_matmul(x, w, idx, gates, backend) -> None:
+def check_matmul(x, w, idx, gates, backend, backends=BACKENDS) -> None:
     _tensor("w", w, (3,))
     _tensor("x", x, (2, 3))
     if w.dtype not in _FLOATS:
@@ -51,8 +51,8 @@ def check_matmul(x, w, idx, gates, backend) -> None:
         if tuple(gates.shape) != (T, K):
             raise ValueError(f"gates has shape {tuple(gates.shape)}, expected idx's {(T, K)}")
         _same_kind("gates", gates, "x", x)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     if backend == "triton" and not HAS_TRITON:
         raise ValueError("backend='triton' needs Triton: pip install 'moe-kernels[triton]'")
 
@@ -61,7 +61,7 @@ def check_mlp(x, w1, w2, idx, gates, activation, backend, w3=None) -> None:
     _tensor("x", x, (2,))
     _tensor("w1", w1, (3,))
     _tensor("w2", w2, (3,))
-    check_matmul(x, w1, idx, gates, backend)
+    check_matmul(x, w1, idx, gates, backend, MLP_BACKENDS)
     _same_kind("w2", w2, "w1", w1)
     E, D, G = w1.shape
     if tuple(w2.shape) != (E, G, D):
@@ -78,6 +78,13 @@ def check_mlp(x, w1, w2, idx, gates, activation, backend, w3=None) -> None:
         raise ValueError(
             f"w3 is only for gated activations {GATED_ACTIVATIONS}, not {activation!r}"
         )
+    if backend == "gather" and torch.is_grad_enabled():
+        for name, t in (("x", x), ("w1", w1), ("w2", w2), ("w3", w3), ("gates", gates)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"backend 'gather' is forward-only, but {name} requires grad "
+                    "(run it under torch.no_grad())"
+                )
     if w3 is not None:
         _tensor("w3", w3, (3,))
         _same_kind("w3", w3, "w1", w1)
