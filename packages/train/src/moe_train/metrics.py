@@ -44,9 +44,13 @@ class RoutingAccumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.passes: dict[str, int] = {}
+        # per layer with an expert bias: the latest one (the same on every rank)
+        self.bias: dict[str, torch.Tensor] = {}
 
     def add(self, stats: dict) -> None:
         for name, s in stats.items():
+            if getattr(s, "expert_bias", None) is not None:
+                self.bias[name] = s.expert_bias
             row = torch.cat(
                 [
                     s.expert_counts.detach().double(),
@@ -72,7 +76,8 @@ class RoutingAccumulator:
         self.passes = {name: int(n) for name, n in state["passes"].items()}
 
     def summary(self, reduce_sum=None) -> dict[str, dict]:
-        """Per layer: usage share per expert, mean entropy (nats), dropped share, tokens routed.
+        """Per layer: usage share per expert, mean entropy (nats), dropped share, tokens routed,
+        and for a layer with an expert bias the latest bias ("expert_bias").
 
         reduce_sum, when given, sums a flat list of floats over ranks (so usage is global).
         """
@@ -89,6 +94,8 @@ class RoutingAccumulator:
                 "dropped_frac": dropped / assignments,
                 "n_tokens": int(tokens),
             }
+            if name in self.bias:
+                out[name]["expert_bias"] = [round(b, 6) for b in self.bias[name].tolist()]
         return out
 
 

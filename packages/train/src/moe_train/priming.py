@@ -16,6 +16,7 @@ import random
 import sys
 
 import moe_data
+import moe_layers
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -180,6 +181,7 @@ def finetune(
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        moe_layers.after_optimizer_step(model)
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(out.lm_loss.detach()))
         bar.update(1)

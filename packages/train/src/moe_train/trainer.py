@@ -38,7 +38,7 @@ import moe_data
 import moe_models
 import torch
 import torch.distributed as dist
-from moe_layers import expert_parameter_names
+from moe_layers import after_optimizer_step, expert_parameter_names
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -618,6 +618,9 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # layers' state that follows the batches (the expert bias) over the global batch: every
+        # micro-batch of every data-parallel rank (the default group: all ranks are data-parallel)
+        after_optimizer_step(self.model, group=None)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return lm_sum, aux_sums
