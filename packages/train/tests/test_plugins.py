@@ -19,7 +19,7 @@ def test_a_plugin_layer_trains_evaluates_and_resumes(cli, tmp_path):
     assert saved["model"]["ffn"] == {"type": "toy", "width": 12, "l2_weight": 0.1}
     ckpt = torch.load(run / "checkpoints" / "step-00000002.pt", weights_only=True)
     assert ckpt["model"]["layers.0.ffn.ffn.w1.weight"].shape == (12, 32)
-    # the run finds its plugin again: no --plugin on resume or eval
+    # this process imported the plugin already: resume and eval run no code of it again
     rc, _, err = cli("train", "--out", run, "--resume", "--no-progress", "--no-tensorboard")
     assert rc == 0, err
     steps = [r["step"] for r in cli.metrics(run) if "train_loss" in r]

@@ -489,6 +489,8 @@ def _torchrun(run: Run, run_dir: Path, spec: Spec, resume: bool, tensorboard: bo
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     argv += ["--nproc-per-node", str(spec.nproc_per_node), "-m", "moe_train.cli", "train"]
     argv += ["--out", str(run_dir), "--no-progress"]
+    # the comparison's plugins, named: a resumed run imports no plugin it merely records
+    argv += [arg for plugin in spec.plugins for arg in ("--plugin", plugin)]
     argv += ["--resume"] if resume else ["--config", str(config_file)]
     if not tensorboard:
         argv.append("--no-tensorboard")

@@ -151,12 +151,25 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
+    def from_dict(
+        cls,
+        d: dict,
+        *,
+        trust_plugins: bool = False,
+        where: str = "the saved run",
+        offer_trust: bool = True,
+    ) -> RunConfig:
+        """The config a run saved. Its plugins are imported only when the user named them
+        (`--plugin`, imported before) or `trust_plugins` (`moe_train.plugins.load_recorded`);
+        when the model needs one that was not imported, the error names it (and offers
+        `--trust-plugins` where the command has it)."""
         plugins = list(d.get("plugins", []))
-        load_plugins(plugins)
+        missing = plugins_mod.load_recorded(plugins, trust=trust_plugins)
         try:
             model = moe_models.config_from_dict(d["model"])
         except (KeyError, TypeError, ValueError) as e:
+            if missing:
+                raise CLIError(plugins_mod.not_imported(where, missing, offer_trust)) from None
             raise CLIError(f"saved model config is not valid: {e}") from None
         train = apply_train_overrides(TrainConfig(), d.get("train", {}), source="saved config")
         return cls(

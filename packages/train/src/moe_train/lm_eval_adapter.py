@@ -8,7 +8,8 @@ Importing this module registers it under the name `moe` in lm-eval's model regis
 lm-eval finds no plugins of its own, so on the command line `moe-train lm-eval ARGS...` runs
 lm-eval's CLI with this module imported (`moe-train lm-eval --model moe --model_args path=RUN
 --tasks TASK`). model_args: `path` (a run folder, checkpoint file or export folder), `device`
-(auto, cpu, cuda...), `batch_size`, `seed` (of sampled generation), `plugin` (a layer plugin).
+(auto, cpu, cuda...), `batch_size`, `seed` (of sampled generation), `plugin` (a layer plugin), `trust_plugins`
+(import the plugins the run records).
 
 Scoring is `moe-train prime`'s: the context and the continuation are encoded on their own with
 the run's tokenizer, the pair cut from the left to seq_len + 1 tokens, and the continuation's
@@ -49,12 +50,16 @@ class MoELM(LM):
         batch_size: int | str = 16,
         seed: int = 1234,
         plugin: str | None = None,
+        trust_plugins: bool | str = False,
         max_batch_size: int | None = None,
         **unused,
     ) -> None:
         super().__init__()
         self.loaded = loading.load(
-            path, device=device or "auto", plugins=[plugin] if plugin else []
+            path,
+            device=device or "auto",
+            plugins=[plugin] if plugin else [],
+            trust_plugins=str(trust_plugins).lower() in ("true", "1", "yes"),
         )
         self.model = self.loaded.model
         self.vocab = self.loaded.vocab

@@ -19,6 +19,7 @@ import safetensors.torch
 import torch
 
 from moe_train import checkpoint as ckpt
+from moe_train import plugins as plugins_mod
 from moe_train.config import RunConfig, load_plugins
 from moe_train.errors import CLIError
 from moe_train.plugins import canonical
@@ -96,10 +97,12 @@ def _load_plugins(specs: list[str]) -> list[str]:
     return specs
 
 
-def _model_config(d: dict, where: str, plugins: list[str]):
+def _model_config(d: dict, where: str, plugins: list[str], missing: list[str]):
     try:
         return moe_models.config_from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
+        if missing:
+            raise CLIError(plugins_mod.not_imported(where, missing)) from None
         hint = f" (its layers come from {', '.join(plugins)})" if plugins else ""
         raise CLIError(f"{where}: model config is not valid: {e}{hint}") from None
 
@@ -130,7 +133,7 @@ def _load_weights(model: torch.nn.Module, path: Path, prefix: str) -> None:
         )
 
 
-def _load_export(path: Path, kind: str, plugins: list[str]) -> dict:
+def _load_export(path: Path, kind: str, plugins: list[str], trust: bool) -> dict:
     config = json.loads((path / "config.json").read_text())
     if kind == "hf":
         model_dict, prefix = config.get("moe_model"), HF_PREFIX
@@ -138,10 +141,14 @@ def _load_export(path: Path, kind: str, plugins: list[str]) -> dict:
     else:
         model_dict, prefix = config.get("model"), ""
         source = config.get("source", {})
-    specs = _load_plugins([*config.get("plugins", []), *plugins])
+    named = _load_plugins(plugins)
+    recorded = [canonical(s) for s in config.get("plugins", [])]
+    missing = plugins_mod.load_recorded(recorded, trust=trust)
+    specs = list(dict.fromkeys([*recorded, *named]))
     if not isinstance(model_dict, dict):
         raise CLIError(f"{path / 'config.json'} holds no model config")
-    model = moe_models.build(_model_config(model_dict, str(path / "config.json"), specs))
+    where = f"the export {path}"
+    model = moe_models.build(_model_config(model_dict, where, specs, missing))
     _load_weights(model, path / WEIGHTS, prefix)
     return dict(
         model=model,
@@ -154,12 +161,13 @@ def _load_export(path: Path, kind: str, plugins: list[str]) -> dict:
     )
 
 
-def _load_checkpoint(path: Path, plugins: list[str]) -> dict:
+def _load_checkpoint(path: Path, plugins: list[str], trust: bool) -> dict:
     from moe_train.trainer import load_model_state
 
     _load_plugins(plugins)
     payload = ckpt.load(path)
-    cfg = RunConfig.from_dict(payload["run_config"])
+    where = f"the run of {payload['path']}"
+    cfg = RunConfig.from_dict(payload["run_config"], trust_plugins=trust, where=where)
     model = moe_models.build(cfg.model)
     load_model_state(model, payload)
     source = Path(payload["path"])
@@ -170,7 +178,7 @@ def _load_checkpoint(path: Path, plugins: list[str]) -> dict:
         name=source.stem,
         step=int(payload["step"]),
         data=cfg.data,
-        plugins=_load_plugins([*cfg.plugins, *plugins]),
+        plugins=list(dict.fromkeys([*cfg.plugins, *(canonical(p) for p in plugins)])),
         run_config=cfg,
         payload=payload,
     )
@@ -181,19 +189,25 @@ def load(
     *,
     device: str = "auto",
     plugins: list[str] = (),
+    trust_plugins: bool = False,
     tokenizer: bool = True,
     data: str | None = None,
 ) -> Loaded:
     """The model of a run folder, a checkpoint file or an export folder, on `device`, in eval
     mode, with the tokenizer saved beside it (`tokenizer=False`: the tokenizer if there is one,
     else None). `data`: take the vocabulary of that `--data` corpus instead (for runs written
-    before runs kept their tokenizer)."""
+    before runs kept their tokenizer). `plugins` are imported; the plugins the run or export
+    records only with `trust_plugins` (else the error says which one it needs)."""
     from moe_train.distributed import pick_device
 
     path = Path(path)
     device_ = pick_device(device)
     kind = export_kind(path)
-    parts = _load_export(path, kind, list(plugins)) if kind else _load_checkpoint(path, plugins)
+    parts = (
+        _load_export(path, kind, list(plugins), trust_plugins)
+        if kind
+        else _load_checkpoint(path, list(plugins), trust_plugins)
+    )
     what = "export" if kind else "run"
     if data is not None:
         from moe_train.data import load_corpus

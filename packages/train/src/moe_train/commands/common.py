@@ -9,13 +9,22 @@ from moe_train.config import load_plugins
 from moe_train.plugins import canonical
 
 
-def add_plugin_flag(p: argparse.ArgumentParser) -> None:
+def add_plugin_flag(p: argparse.ArgumentParser, *, trust: bool = False) -> None:
+    """`--plugin`; with `trust` (the commands that load a trained model) `--trust-plugins` too."""
     p.add_argument(
         "--plugin",
         action="append",
         default=[],
         metavar="PATH_OR_MODULE",
         help="a .py file or module that registers layers (moe_models.register_ffn); repeatable",
+    )
+    if not trust:
+        return
+    p.add_argument(
+        "--trust-plugins",
+        action="store_true",
+        help="import the plugins that the run or export records (by default only those named "
+        "with --plugin are: loading a model runs no code you did not name)",
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from moe_train.commands.common import add_plugin_flag
 from moe_train.config import load_plugins
 from moe_train.errors import CLIError
-from moe_train.plugins import canonical
+from moe_train.plugins import canonical, load_recorded, not_imported
 
 NAME = "compare"
 HELP = "train several presets alike and compare them in one table"
@@ -101,12 +101,15 @@ def _resume_spec(args, presets: list[str], overrides: list[str]):
         raise CLIError("--resume needs --out DIR (the comparison to continue)")
     given = [f"--{k.replace('_', '-')}" for k in SPEC_FLAGS if getattr(args, k) is not None]
     given += [f for f, v in (("--seeds", args.seeds), ("--twins", args.twins)) if v is not None]
-    given += ["--sweep"] * bool(args.sweep) + ["--plugin"] * bool(args.plugin)
+    given += ["--sweep"] * bool(args.sweep)
     if presets or overrides or given:
         what = ", ".join([*presets, *overrides, *given])
         raise CLIError(f"--resume continues the comparison saved in --out; drop {what}")
+    load_plugins([canonical(p) for p in args.plugin])
     spec = Spec.from_dict(read_manifest(Path(args.out)))
-    load_plugins(spec.plugins)
+    missing = load_recorded(spec.plugins, trust=False)
+    if missing:
+        raise CLIError(not_imported(f"the comparison {args.out}", missing, offer_trust=False))
     return spec, Path(args.out)
 
 

@@ -48,7 +48,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file for the metrics (default: next to the checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_plugin_flag(p)
+    add_plugin_flag(p, trust=True)
 
 
 def _splits(args, loaded) -> tuple[str, str, dict]:
@@ -89,7 +89,13 @@ def run(args) -> int:
     from moe_train.evaluate import evaluate
     from moe_train.metrics import level_metrics
 
-    loaded = loading.load(args.checkpoint, device=args.device, plugins=args.plugin, tokenizer=False)
+    loaded = loading.load(
+        args.checkpoint,
+        device=args.device,
+        plugins=args.plugin,
+        trust_plugins=args.trust_plugins,
+        tokenizer=False,
+    )
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=loaded.device)
     seq_len = args.seq_len or loaded.config.seq_len
     name, level, splits = _splits(args, loaded)

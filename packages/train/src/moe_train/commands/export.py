@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("out", help="the folder to write (new, or empty)")
     p.add_argument("--format", choices=FORMATS, default="plain")
     add_vocab_data_flag(p)
-    add_plugin_flag(p)
+    add_plugin_flag(p, trust=True)
 
 
 def source_record(loaded) -> dict:
@@ -70,7 +70,13 @@ def run(args) -> int:
 
     from moe_train import loading
 
-    loaded = loading.load(args.checkpoint, device="cpu", plugins=args.plugin, data=args.data)
+    loaded = loading.load(
+        args.checkpoint,
+        device="cpu",
+        plugins=args.plugin,
+        trust_plugins=args.trust_plugins,
+        data=args.data,
+    )
     out = Path(args.out)
     _check_out(out)
     if args.format == "hf":

@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto")
-    add_plugin_flag(p)
+    add_plugin_flag(p, trust=True)
 
 
 class IncrementalDecoder:
@@ -73,7 +73,9 @@ def run(args) -> int:
 
     from moe_train import loading
 
-    loaded = loading.load(args.checkpoint, device=args.device, plugins=args.plugin)
+    loaded = loading.load(
+        args.checkpoint, device=args.device, plugins=args.plugin, trust_plugins=args.trust_plugins
+    )
     ids = loading.encode(loaded.vocab, args.prompt)
     if not ids:
         raise CLIError(f"--prompt {args.prompt!r} encodes to no token; give some text")

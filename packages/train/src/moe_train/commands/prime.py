@@ -37,7 +37,7 @@ def add_task_arguments(p) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_plugin_flag(p)
+    add_plugin_flag(p, trust=True)
 
 
 def add_arguments(p) -> None:
@@ -68,7 +68,13 @@ def scoring_options(args, loaded) -> dict:
 def load(args):
     from moe_train import loading
 
-    return loading.load(args.checkpoint, device=args.device, plugins=args.plugin, data=args.data)
+    return loading.load(
+        args.checkpoint,
+        device=args.device,
+        plugins=args.plugin,
+        trust_plugins=args.trust_plugins,
+        data=args.data,
+    )
 
 
 def result_name(task_name: str, args) -> str:

@@ -43,7 +43,8 @@ before building the model the run's memory is estimated (weights, gradients, Ada
 activations) and refused when the device cannot hold it; train.skip_memory_check=true skips that.
 exit codes: 0 done (or stopped, resumable), 2 a user error (one `error:` line), 1 a bug.
 layers of your own: --plugin FILE.py (or a module) that calls moe_models.register_ffn(NAME, Config),
-then ffn=NAME; the run records the plugin, so eval and --resume find it again.
+then ffn=NAME; the run records the plugin, which --resume and eval import again only when it
+is named again (--plugin; eval also takes --trust-plugins).
 distributed: torchrun --nproc_per_node N -m moe_train.cli train ... (gloo on CPU, nccl on CUDA;
 DDP, train.batch_size is the global batch; --expert-parallel also shards the experts over the
 ranks, checkpoints stay unsharded).
@@ -140,7 +141,9 @@ def resume_config(args, out_dir: Path) -> RunConfig:
     if payload is None:
         raise CLIError(f"--resume: no checkpoint in {out_dir / 'checkpoints'} to resume from")
     latest = payload["path"]
-    saved = RunConfig.from_dict(payload["run_config"])
+    saved = RunConfig.from_dict(
+        payload["run_config"], where=f"the run {out_dir}", offer_trust=False
+    )
     if args.preset and args.preset != saved.preset:
         try:
             wanted = moe_models.get_config(args.preset).arch
