@@ -36,6 +36,7 @@ LAYERS = [
     (SwitchMoE, dict(n_experts=4, expert_size=3, capacity_factor=1.0)),
     (SwitchMoE, dict(n_experts=4, expert_size=3, capacity_factor=1.5, capacity_rounding="fairseq")),
     (SBaseMoE, dict(n_experts=4, expert_size=3, k=2, entropy_weight=0.1)),
+    (SBaseMoE, dict(n_experts=4, expert_size=3, k=2, balancing="sinkmoid2")),
     (GShardMoE, dict(n_experts=4, expert_size=3, second_policy="all")),
     (BaseLayer, dict(n_experts=4, expert_size=3)),
     (HashLayer, dict(n_experts=4, expert_size=3, vocab_size=VOCAB)),
@@ -46,7 +47,11 @@ LAYERS = [
 
 
 def _name(cls, kw):
-    extra = [f"{k}={kw[k]}" for k in ("selection", "capacity_rounding", "routing") if k in kw]
+    extra = [
+        f"{k}={kw[k]}"
+        for k in ("selection", "capacity_rounding", "routing", "balancing")
+        if k in kw
+    ]
     return "-".join([cls.__name__, *extra])
 
 

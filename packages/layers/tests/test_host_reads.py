@@ -49,6 +49,7 @@ LAYERS = [
     (SwitchMoE, dict(n_experts=4, expert_size=3, capacity_factor=1.0)),
     (SwitchMoE, dict(n_experts=4, expert_size=3, capacity_factor=1.5, capacity_rounding="fairseq")),
     (SBaseMoE, dict(n_experts=4, expert_size=3, k=2, entropy_weight=0.1)),
+    (SBaseMoE, dict(n_experts=4, expert_size=3, k=2, balancing="sinkmoid2")),
     (GShardMoE, dict(n_experts=4, expert_size=3, gate_noise=0.1)),
     (GShardMoE, dict(n_experts=4, expert_size=3, second_policy="random")),
     (BaseLayer, dict(n_experts=4, expert_size=3, expert_norm=True)),
@@ -66,7 +67,15 @@ def ids(cls, kw):
     return cls.__name__ + "".join(f"-{k}={v}" for k, v in kw.items() if k in _SHOWN)
 
 
-_SHOWN = ("expert_dropout", "dropout", "selection", "capacity_rounding", "second_policy", "routing")
+_SHOWN = (
+    "expert_dropout",
+    "dropout",
+    "selection",
+    "capacity_rounding",
+    "second_policy",
+    "routing",
+    "balancing",
+)
 
 
 def training_step(layer, seed=0):

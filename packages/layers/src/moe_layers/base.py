@@ -674,11 +674,14 @@ class RoutedMoE(MoEModule):
     """Base of the layers that route each token to K of E expert MLPs.
 
     Its Config derives from ExpertsConfig. `__init__` builds `self.experts` (`build_experts`:
-    from the Config's d_model, n_experts, expert_size, activation, dropout and impl), then `self.router` (`build_router`), then calls
-    `reset_parameters`. forward: routing = router(x_TD, token_ids_T); its auxiliary losses and
-    statistics are recorded; y = experts(expert_inputs(x_TD, routing), routing.idx_TK,
-    routing.gates_TK), where `expert_inputs` is x_TD unless a layer transforms what its experts
-    see (BaseLayer's per-expert LayerNorm). `ExpertParallel` shards `experts` across ranks.
+    from the Config's d_model, n_experts, expert_size, activation, dropout and impl), then
+    `self.router` (`build_router`), then calls `reset_parameters`. forward: routing =
+    router(x_TD, token_ids_T), then `apply_routing`: its auxiliary losses and statistics are
+    recorded; y = experts(expert_inputs(x_TD, routing), routing.idx_TK, routing.gates_TK), where
+    `expert_inputs` is x_TD unless a layer transforms what its experts see (BaseLayer's
+    per-expert LayerNorm). A layer whose router needs more than the tokens (SBaseMoE's, the
+    sequences) calls it in its own `forward_batch` and then `apply_routing`. `ExpertParallel`
+    shards `experts` across ranks.
     """
 
     Config: ClassVar[type[ExpertsConfig] | None] = None
@@ -707,7 +710,10 @@ class RoutedMoE(MoEModule):
         raise NotImplementedError(f"{type(self).__name__} implements no reset_parameters")
 
     def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
-        routing = self.router(x_TD, token_ids_T)
+        return self.apply_routing(x_TD, self.router(x_TD, token_ids_T))
+
+    def apply_routing(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """Records the routing's auxiliary losses and statistics; runs the experts on x_TD."""
         for name, loss in routing.aux_losses.items():
             self.record_aux_loss(name, loss)
         self.record_routing_stats(

@@ -99,13 +99,17 @@ class SigmoidTopKRouter(LinearRouter):
         super().__init__(d_model, n_experts)
         self.k, self.expert_dropout, self.entropy_weight = k, expert_dropout, entropy_weight
 
-    def selection_scores(self, logits_TE: Tensor) -> Tensor:
+    def selection_scores(self, logits_TE: Tensor, seq_len: int | None = None) -> Tensor:
         # sigmoid is monotone: ranking the logits ranks the scores
         return logits_TE
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+    def forward(
+        self, x_TD: Tensor, token_ids_T: Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        """seq_len: the T tokens are sequences of seq_len consecutive tokens (None: not known),
+        for a subclass whose selection depends on them."""
         logits_TE = self.logits(x_TD)
-        scores_TE, drop_TE = self.selection_scores(logits_TE), None
+        scores_TE, drop_TE = self.selection_scores(logits_TE, seq_len), None
         if self.training and self.expert_dropout > 0:
             drop_TE = torch.rand_like(scores_TE, dtype=torch.float32) < self.expert_dropout
         idx_TK, gates_TK, counts_E = sigmoid_topk(scores_TE, logits_TE, self.k, drop_TE)
