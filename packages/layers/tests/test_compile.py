@@ -17,6 +17,7 @@ from moe_layers import (
     SMoE,
     SwitchMoE,
     TMoE,
+    TokenChoiceMoE,
     TopKFFN,
 )
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -43,6 +44,24 @@ LAYERS = [
     (TMoE, dict(n_experts=4, expert_size=3)),
     (SMoE, dict(n_experts=2, seq_len=8)),
     (SMoE, dict(n_experts=2, seq_len=8, routing="learned", prefix_fraction=0.4)),
+    (
+        TokenChoiceMoE,
+        dict(n_experts=4, expert_size=3, k=2, z_loss_weight=0.1, balance_loss_weight=0.1),
+    ),
+    (
+        TokenChoiceMoE,
+        dict(
+            n_experts=4,
+            expert_size=3,
+            k=2,
+            score="sigmoid",
+            n_groups=2,
+            topk_groups=1,
+            bias_update_rate=0.1,
+            n_shared_experts=1,
+            shared_expert_gate=True,
+        ),
+    ),
 ]
 
 

@@ -28,6 +28,7 @@ from moe_layers import (
     SMoE,
     SwitchMoE,
     TMoE,
+    TokenChoiceMoE,
     TopKFFN,
     balanced_assignment,
 )
@@ -57,6 +58,25 @@ LAYERS = [
     (TMoE, dict(n_experts=4, expert_size=3)),
     (SMoE, dict(n_experts=2, seq_len=L)),
     (SMoE, dict(n_experts=2, seq_len=L, routing="learned")),
+    (
+        TokenChoiceMoE,
+        dict(n_experts=4, expert_size=3, k=2, z_loss_weight=0.1, balance_loss_weight=0.1),
+    ),
+    (
+        TokenChoiceMoE,
+        dict(
+            n_experts=4,
+            expert_size=3,
+            k=2,
+            score="sigmoid",
+            n_groups=2,
+            topk_groups=1,
+            bias_update_rate=0.1,
+            n_shared_experts=1,
+            shared_expert_gate=True,
+            dropout=0.1,
+        ),
+    ),
 ]
 # the reads outside the auction, in order
 EXPECTED = {HashLayer: [SCALAR, SCALAR]}
