@@ -24,3 +24,9 @@ def test_experts_not_divisible_by_the_world_size_is_a_cli_error():
     model = moe_models.build(moe_models.get_config("tiny-sigma-moe", n_experts=3))
     with pytest.raises(CLIError, match="3 experts, not divisible by the world size 2"):
         shard_experts(model, 2)
+
+
+def test_gated_experts_are_a_cli_error():
+    cfg = moe_models.get_config("tiny-olmoe", n_layers=1, d_model=32, n_heads=2, expert_size=8)
+    with pytest.raises(CLIError, match="w1, w2, w3 \\(activation 'swiglu'\\)"):
+        shard_experts(moe_models.build(cfg), 2)

@@ -29,6 +29,12 @@ def shard_experts(model: nn.Module, world_size: int) -> None:
                 f"train.expert_parallel: {name} has {layer.experts.n_experts} experts, not divisible by "
                 f"the world size {world_size}"
             )
+        weights = sorted(n for n, _ in layer.experts.named_parameters())
+        if weights != ["w1", "w2"]:
+            raise CLIError(
+                f"train.expert_parallel: {name}'s experts have weights {', '.join(weights)} "
+                f"(activation {layer.experts.activation!r}); expert parallelism shards w1 and w2 only"
+            )
     for name, layer in routed:
         parent, _, child = name.rpartition(".")
         # expert gradients averaged like DDP's dense ones, so one step equals the 1-process step
