@@ -33,6 +33,18 @@ def test_ffn_takes_a_type_name_or_a_json_table():
     assert (cfg.model.ffn.expert_size, cfg.model.ffn.k) == (32, 3)
 
 
+def test_attention_takes_a_type_name_a_json_table_or_options():
+    cfg = resolve(overrides=["arch=decoder", "attention=causal"])
+    assert moe_models.attention_name(cfg.model.attention) == "causal"
+    cfg = resolve(overrides=['attention={"type": "relative"}', "n_heads=2"])
+    assert moe_models.attention_name(cfg.model.attention) == "relative"
+    assert cfg.model.attention.n_heads == 2
+    with pytest.raises(CLIError, match=r"unknown attention option\(s\) \['nope'\]"):
+        resolve(overrides=["attention.nope=1"])
+    with pytest.raises(CLIError, match="unknown attention type 'nope'"):
+        resolve(overrides=["attention=nope"])
+
+
 def test_seq_len_flag_reaches_the_model():
     assert resolve(model_flags={"seq_len": 32}).model.seq_len == 32
 

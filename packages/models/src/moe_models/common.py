@@ -11,7 +11,6 @@ architecture, and `carries_state` tells them whether to read the data as contigu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +21,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from moe_models.config import ModelConfig
+from moe_models.primitives import sinusoid_table
 
 IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "LanguageModel", "ModelOutput", "lm_loss", "sinusoid_table"]
 
 
 @dataclass
@@ -39,17 +41,6 @@ class ModelOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     routing_stats: dict[str, RoutingStats] = field(default_factory=dict)
     state: Any = None
-
-
-def sinusoid_table(positions: Tensor, dim: int) -> Tensor:
-    """[N, dim] sinusoidal embeddings of the (float) positions [N] (sin half, then cos half)."""
-    inv_freq = torch.exp(
-        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
-        * (-math.log(10000.0) / dim)
-    )
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    table = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return table[:, :dim]
 
 
 class LanguageModel(nn.Module):

@@ -5,7 +5,10 @@ of its MoE layers: an instance of a registered layer config class (`moe_models.r
 `moe_layers.SigmaMoE.Config`, with the fields the model owns (d_model, n_layers, vocab_size)
 filled in from the model. `ffn` may also be given as a registered name or a dict
 `{"type": NAME, **options}`; missing `d_ff` and `activation` then come from the model's.
-`layer_ffn` replaces the layer of chosen layers, so layers may differ.
+`layer_ffn` replaces the layer of chosen layers, so layers may differ. Its `attention` is the
+config of the self-attention of every layer in the same way (moe_models.attention): None gives
+the architecture's own, and the fields the model owns (width, depth, heads, attention dropout,
+the kind of generation state) are filled in from the model.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from moe_models.registry import MODEL_FIELDS, ffn_config_class, ffn_name
+from moe_models.attention import ARCH_STATE_KIND, DEFAULT_ATTENTION
+from moe_models.registry import (
+    ATTENTION_MODEL_FIELDS,
+    MODEL_FIELDS,
+    attention_config_class,
+    attention_name,
+    ffn_config_class,
+    ffn_name,
+)
 
 ARCHS = ("transformer_xl", "decoder", "smlp")
 POSITIONS = ("sinusoidal", "learned")
@@ -47,6 +58,8 @@ class ModelConfig:
         LayerNorm or dropout; transformer_xl and decoder). With a BASE layer, expert_norm=True and
         zero_init_output=True make it fairseq's BASE block, which starts as the identity.
     layer_ffn: {layer index: layer config} overriding the FFN of single layers.
+    attention: the self-attention config of every layer (see the module docstring); None: the
+        architecture's own ("relative" for transformer_xl, "causal" for decoder).
     smlp_*: the sMLP's gMLP hidden size, its sMoE experts (chunks of d_model), their routing and
         the routing prefix's share of the sequence.
     """
@@ -61,6 +74,7 @@ class ModelConfig:
     mem_len: int | None = None
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    attention: Any = None
     tie_embeddings: bool = False
     positions: str = "sinusoidal"
     scale_embeddings: bool = False
@@ -84,6 +98,7 @@ class ModelConfig:
             layer_ffn[index] = ffn_config(spec, self, where=f"layer_ffn[{index}]")
         object.__setattr__(self, "layer_ffn", layer_ffn)
         _check_layers(self)
+        object.__setattr__(self, "attention", _resolve_attention(self))
 
     @property
     def head_dim(self) -> int:
@@ -157,6 +172,78 @@ def ffn_config(spec, model: ModelConfig, *, where: str, base=None):
         raise ValueError(f"{where}: {e}") from None
 
 
+def _resolve_attention(model: ModelConfig):
+    if model.arch not in DEFAULT_ATTENTION:
+        if model.attention is not None:
+            raise ValueError(f"arch {model.arch!r} has no attention; leave attention unset")
+        return None
+    spec = DEFAULT_ATTENTION[model.arch] if model.attention is None else model.attention
+    return attention_config(spec, model, where="attention")
+
+
+def _attention_fields(model: ModelConfig, cls) -> dict:
+    """The fields of attention config class `cls` the model owns, with the model's values."""
+    values = {
+        "d_model": model.d_model,
+        "n_layers": model.n_layers,
+        "n_heads": model.n_heads,
+        "d_head": model.head_dim,
+        "attn_dropout": model.attn_dropout,
+        "state_kind": ARCH_STATE_KIND[model.arch],
+    }
+    names = {f.name for f in fields(cls)}
+    return {key: values[key] for key in ATTENTION_MODEL_FIELDS if key in names}
+
+
+def attention_config(spec, model: ModelConfig, *, where: str, base=None):
+    """The attention config `spec` stands for (a registered config instance, a registered name,
+    or a dict of options with an optional "type"), with the model's fields filled in; as
+    `ffn_config`."""
+    if isinstance(spec, str):
+        cls = attention_config_class(spec)
+        options = _shared_options(base, cls, ATTENTION_MODEL_FIELDS) if base is not None else {}
+    elif isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("type", None)
+        if name is None and base is None:
+            name = DEFAULT_ATTENTION[model.arch]
+        cls = attention_config_class(name) if name is not None else type(base)
+        options = (
+            _options(base, ATTENTION_MODEL_FIELDS) if base is not None and type(base) is cls else {}
+        )
+        options.update(spec)
+    elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        cls = type(spec)
+        attention_name(spec)
+        options = _options(spec, ATTENTION_MODEL_FIELDS)
+    else:
+        raise ValueError(
+            f"{where} must be a registered attention name, a dict of options or an attention "
+            f"config, got {spec!r}"
+        )
+    kind = ARCH_STATE_KIND[model.arch]
+    if kind not in cls.state_kinds:
+        raise ValueError(
+            f"{where} ({attention_name(cls)}) keeps a {'/'.join(cls.state_kinds)} state, but arch "
+            f"{model.arch!r} needs one of kind {kind!r} (see moe_models.attention)"
+        )
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        valid = ", ".join(sorted(names - set(ATTENTION_MODEL_FIELDS)))
+        raise ValueError(
+            f"unknown option(s) {unknown} of {where} ({attention_name(cls)}); valid: {valid}"
+        )
+    owned = _attention_fields(model, cls)
+    options = {k: v for k, v in options.items() if k not in owned}
+    if dataclasses.is_dataclass(spec) and all(getattr(spec, k) == v for k, v in owned.items()):
+        return spec
+    try:
+        return cls(**options, **owned)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _with_model_fields(spec, model, where: str):
     names = {f.name for f in fields(spec)}
     owned = {
@@ -172,14 +259,14 @@ def _with_model_fields(spec, model, where: str):
         raise ValueError(f"{where}: {e}") from None
 
 
-def _options(config) -> dict:
+def _options(config, owned=MODEL_FIELDS) -> dict:
     """The options of a layer config that are not the model's."""
-    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in MODEL_FIELDS}
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in owned}
 
 
-def _shared_options(base, cls) -> dict:
+def _shared_options(base, cls, owned=MODEL_FIELDS) -> dict:
     names = {f.name for f in fields(cls)}
-    return {k: v for k, v in _options(base).items() if k in names}
+    return {k: v for k, v in _options(base, owned).items() if k in names}
 
 
 def _layer_index(i, n_layers: int) -> int:
@@ -338,26 +425,33 @@ def apply_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
     also given as "ffn.<option>" or, where the name is not a model field, bare (n_experts=8).
     String values (command-line text) are read as the type of the field they set.
     """
-    model_kw, ffn_kw = {}, {}
+    model_kw, ffn_kw, attention_kw = {}, {}, {}
     for key, value in overrides.items():
         if key.startswith("ffn."):
             ffn_kw[key[4:]] = value
+        elif key.startswith("attention."):
+            attention_kw[key[len("attention.") :]] = value
         elif key in MODEL_FIELD_NAMES:
             model_kw[key] = value
         else:
             ffn_kw[key] = value
-    for key in ("ffn", "layer_ffn"):
+    for key in ("ffn", "layer_ffn", "attention"):
         if isinstance(model_kw.get(key), str) and model_kw[key].lstrip().startswith("{"):
             try:
                 model_kw[key] = json.loads(model_kw[key])
             except json.JSONDecodeError as e:
                 raise ValueError(f"{key}={model_kw[key]!r} is not valid JSON: {e}") from None
     typed = {
-        k: v if k in ("ffn", "layer_ffn") else _typed(ModelConfig, k, v, k)
+        k: v if k in ("ffn", "layer_ffn", "attention") else _typed(ModelConfig, k, v, k)
         for k, v in model_kw.items()
     }
     ffn_spec = typed.pop("ffn", None)
     layer_spec = typed.pop("layer_ffn", None)
+    attention_spec = typed.pop("attention", None)
+    if typed.get("arch", cfg.arch) != cfg.arch and cfg.attention is not None:
+        # the old architecture's own attention does not follow it to another one
+        if attention_name(cfg.attention) == DEFAULT_ATTENTION[cfg.arch]:
+            typed["attention"] = None
     model = dataclasses.replace(cfg, **typed) if typed else cfg
     # FFN options that were the model's (d_ff, activation) follow it when it changes
     inherited = {k: typed[k] for k in MODEL_DEFAULTS if k in typed and typed[k] != getattr(cfg, k)}
@@ -387,7 +481,32 @@ def apply_overrides(cfg: ModelConfig, overrides: dict) -> ModelConfig:
             index = _layer_index(i, model.n_layers)
             base = model.layer_ffn_config(index)
             layer_ffn[index] = ffn_config(spec, model, where=f"layer_ffn[{index}]", base=base)
-    return dataclasses.replace(model, ffn=ffn, layer_ffn=layer_ffn)
+    model = dataclasses.replace(model, ffn=ffn, layer_ffn=layer_ffn)
+    if attention_spec is None and not attention_kw:
+        return model
+    return dataclasses.replace(
+        model, attention=_attention_override(model, attention_spec, attention_kw)
+    )
+
+
+def _attention_override(model: ModelConfig, spec, options: dict):
+    if model.attention is None:
+        raise ValueError(f"arch {model.arch!r} has no attention to set options of")
+    attention = model.attention
+    if spec is not None:
+        attention = attention_config(spec, model, where="attention", base=attention)
+    if options:
+        cls = type(attention)
+        names = {f.name for f in fields(cls)} - set(ATTENTION_MODEL_FIELDS)
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown attention option(s) {unknown} of {attention_name(cls)}; valid: "
+                f"{', '.join(sorted(names))} (as 'attention.<option>')"
+            )
+        typed = {k: _typed(cls, k, v, f"attention.{k}") for k, v in options.items()}
+        attention = attention_config(typed, model, where="attention", base=attention)
+    return attention
 
 
 def _follow(config, old_model: ModelConfig, changed: dict):
@@ -405,10 +524,18 @@ def ffn_to_dict(config) -> dict:
     return {"type": ffn_name(config), **_options(config)}
 
 
+def attention_to_dict(config) -> dict | None:
+    """{"type": name, **options}: an attention config without the fields the model owns."""
+    if config is None:
+        return None
+    return {"type": attention_name(config), **_options(config, ATTENTION_MODEL_FIELDS)}
+
+
 def config_to_dict(cfg: ModelConfig) -> dict:
     """A JSON-safe dict of `cfg` (layer_ffn keys become strings)."""
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     d["ffn"] = ffn_to_dict(cfg.ffn)
+    d["attention"] = attention_to_dict(cfg.attention)
     d["layer_ffn"] = {str(i): ffn_to_dict(v) for i, v in cfg.layer_ffn.items()}
     return d
 

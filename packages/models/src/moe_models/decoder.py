@@ -3,55 +3,26 @@
 Pre-LN Transformer, sinusoidal or learned absolute positions, token embeddings scaled by
 sqrt(d_model) (fairseq's default), tied input/output embeddings, a final LayerNorm. The FFN of
 layer i is the configured MoE layer (GShard top-2 in the presets) when (i + 1) % moe_interval == 0
-and a dense FFN otherwise (fairseq's --moe-freq). A key/value cache serves generation.
+and a dense FFN otherwise (fairseq's --moe-freq). The attention comes from the attention registry
+(moe_models.attention; causal multi-head attention by default) and is of the "cache" kind: its
+cache (a key/value cache by default) serves generation.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from moe_models.common import LanguageModel, ModelOutput, sinusoid_table
 from moe_models.config import ModelConfig
 from moe_models.ffn import FFNBlock, standalone_block
-from moe_models.transformer_xl import init_linear
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.head_dim
-        inner = self.n_heads * self.d_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * inner)
-        self.out = nn.Linear(inner, cfg.d_model)
-        self.attn_dropout = cfg.attn_dropout
-        init_linear(self.qkv, cfg.n_layers)
-        init_linear(self.out, cfg.n_layers)
-
-    def forward(self, x_BLD: Tensor, past: tuple[Tensor, Tensor] | None):
-        B, L, _ = x_BLD.shape
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        K = k.shape[2]
-        # query i sits at position K - L + i and sees keys 0..K - L + i
-        allowed_LK = (
-            torch.arange(K, device=x_BLD.device)[None, :]
-            <= (K - L + torch.arange(L, device=x_BLD.device))[:, None]
-        )
-        att_BHLd = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed_LK, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        return self.out(att_BHLd.transpose(1, 2).reshape(B, L, -1)), (k, v)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = cfg.attention.build()
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FFNBlock(cfg, index)
         self.standalone = standalone_block(cfg, index)
@@ -106,17 +77,17 @@ class DecoderLM(LanguageModel):
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, *, state: list | None = None
     ) -> ModelOutput:
-        """state: None, or the key/value cache, one (k, v) [B, H, K, d_head] pair per layer, of
-        the earlier tokens ([] from init_state: none yet); the new tokens follow them. Returns
-        the grown cache when given one, else no state."""
+        """state: None, or the attention caches of the earlier tokens, one per layer (by default
+        (k, v) [B, H, K, d_head]; [] from init_state: none yet); the new tokens follow them.
+        Returns the grown caches when given them, else no state."""
         self.check_tokens(tokens, targets)
         past = state or None
         if past is not None and len(past) != len(self.layers):
             raise ValueError(
-                f"state must be the decoder's key/value cache, one (k, v) per layer "
+                f"state must be the decoder's attention caches, one per layer "
                 f"({len(self.layers)}), got {len(past)} entries"
             )
-        start = 0 if past is None else past[0][0].shape[2]
+        start = 0 if past is None else self.layers[0].attn.cached_length(past[0])
         x_BLD = self.embedding(tokens) * self.embed_scale
         x_BLD = self.dropout(
             x_BLD + self.position_embedding(start, tokens.shape[1], tokens.device).to(x_BLD.dtype)

@@ -1,4 +1,6 @@
-"""The registry of feed-forward layers a model config can name: `ffn = {"type": NAME, ...}`.
+"""The registries of the layers a model config can name: feed-forward layers (`ffn = {"type":
+NAME, ...}`) and self-attention layers (`attention = {"type": NAME, ...}`, see moe_models.attention
+for their contract).
 
 A registered config class is a dataclass with a `d_model` field and a `build()` that returns an
 `nn.Module` following the moe_layers contract: `layer(x, *, token_ids=None)` maps `[..., d_model]`
@@ -17,29 +19,55 @@ import dataclasses
 import moe_layers
 
 MODEL_FIELDS = ("d_model", "n_layers", "vocab_size")
+# the fields of an attention config its model fills: width, depth, heads, attention dropout and
+# the kind of generation state the architecture keeps ("memory": the Transformer-XL memory of
+# earlier layer inputs, which the model holds; "cache": a state the attention returns, e.g. a
+# key/value cache)
+ATTENTION_MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "d_head", "attn_dropout", "state_kind")
+STATE_KINDS = ("memory", "cache")
 
 _REGISTRY: dict[str, type] = {}
+_ATTENTIONS: dict[str, type] = {}
 
 
-def register_ffn(name: str, config_cls: type) -> None:
-    """Make `ffn=NAME` (and `layer_ffn`, presets, saved configs) build `config_cls(...).build()`."""
+def _register(registry: dict, what: str, function: str, name: str, config_cls: type) -> None:
     if not (isinstance(name, str) and name):
-        raise ValueError(f"an FFN name must be a non-empty string, got {name!r}")
+        raise ValueError(f"an {what} name must be a non-empty string, got {name!r}")
     if not dataclasses.is_dataclass(config_cls) or not isinstance(config_cls, type):
-        raise ValueError(f"register_ffn({name!r}, ...) needs a dataclass type, got {config_cls!r}")
+        raise ValueError(f"{function}({name!r}, ...) needs a dataclass type, got {config_cls!r}")
     if "d_model" not in {f.name for f in dataclasses.fields(config_cls)}:
         raise ValueError(f"{config_cls.__name__} needs a d_model field (the model fills it)")
     if not callable(getattr(config_cls, "build", None)):
         raise ValueError(f"{config_cls.__name__} needs a build() method returning the layer")
-    known = _REGISTRY.get(name)
+    known = registry.get(name)
     # the same class from a module imported again (a reload) replaces the old one
     reloaded = known is not None and (known.__module__, known.__qualname__) == (
         config_cls.__module__,
         config_cls.__qualname__,
     )
     if known is not None and known is not config_cls and not reloaded:
-        raise ValueError(f"an FFN named {name!r} is registered already ({known.__name__})")
-    _REGISTRY[name] = config_cls
+        raise ValueError(f"an {what} named {name!r} is registered already ({known.__name__})")
+    registry[name] = config_cls
+
+
+def register_ffn(name: str, config_cls: type) -> None:
+    """Make `ffn=NAME` (and `layer_ffn`, presets, saved configs) build `config_cls(...).build()`."""
+    _register(_REGISTRY, "FFN", "register_ffn", name, config_cls)
+
+
+def register_attention(name: str, config_cls: type) -> None:
+    """Make `attention=NAME` (presets, saved configs, the CLI) build `config_cls(...).build()`.
+
+    `config_cls` is a dataclass with a `d_model` field and a `build()` returning a module that
+    follows the attention contract of moe_models.attention; it declares the generation state it
+    keeps in the class attribute `state_kinds` (a tuple of "memory" and/or "cache")."""
+    kinds = getattr(config_cls, "state_kinds", None)
+    if not (isinstance(kinds, tuple) and kinds and set(kinds) <= set(STATE_KINDS)):
+        raise ValueError(
+            f"register_attention({name!r}, ...): the config class needs a class attribute "
+            f"state_kinds, a non-empty tuple of {STATE_KINDS}, got {kinds!r}"
+        )
+    _register(_ATTENTIONS, "attention", "register_attention", name, config_cls)
 
 
 def ffn_config_class(name: str) -> type:
@@ -65,6 +93,31 @@ def ffn_name(config) -> str:
 
 def registered_ffns() -> list[str]:
     return list(_REGISTRY)
+
+
+def attention_config_class(name: str) -> type:
+    if name not in _ATTENTIONS:
+        raise ValueError(
+            f"unknown attention type {name!r}; registered: {', '.join(_ATTENTIONS)} (a layer "
+            "of your own is registered with moe_models.register_attention, or --plugin in the CLI)"
+        )
+    return _ATTENTIONS[name]
+
+
+def attention_name(config) -> str:
+    """The registered name of an attention config (or config class)."""
+    cls = config if isinstance(config, type) else type(config)
+    for name, registered in _ATTENTIONS.items():
+        if registered is cls:
+            return name
+    raise ValueError(
+        f"{cls.__name__} is not a registered attention config class (register it with "
+        "moe_models.register_attention)"
+    )
+
+
+def registered_attentions() -> list[str]:
+    return list(_ATTENTIONS)
 
 
 BUILTIN_FFNS = {

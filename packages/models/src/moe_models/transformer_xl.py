@@ -4,103 +4,30 @@ Relative positional attention (Dai et al. 2019): the score of query i and key j 
     (q_i + u) · k_j + (q_i + v) · W_r r(i - j),
 with r the sinusoidal embedding of the distance and u, v learned per-head biases. Segment-level
 recurrence: each layer also attends to its inputs from the previous segment(s), held detached in
-a memory of `mem_len` positions. The FFN of each layer comes from the FFN registry.
+a memory of `mem_len` positions. The attention (relative attention by default) and the FFN of each
+layer come from their registries (moe_models.attention, moe_models.registry); the attention is of
+the "memory" kind: the model holds the memory of layer inputs and hands it, normalised, to it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from moe_models.common import LanguageModel, ModelOutput, sinusoid_table
+from moe_models.attention import RelativeAttention, reference_relative_attention
+from moe_models.common import LanguageModel, ModelOutput
 from moe_models.config import ModelConfig
 from moe_models.ffn import FFNBlock, standalone_block
+from moe_models.primitives import init_linear
 
-
-def init_linear(linear: nn.Linear, n_layers: int) -> None:
-    """The σ-MoE code's pre-LN init: std sqrt(2 / (n_layers * fan_in)), zero bias."""
-    nn.init.normal_(linear.weight, std=(2.0 / (n_layers * linear.in_features)) ** 0.5)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-
-
-class RelativeAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.head_dim
-        inner = self.n_heads * self.d_head
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.r = nn.Linear(cfg.d_model, inner, bias=False)
-        self.out = nn.Linear(inner, cfg.d_model, bias=False)
-        self.content_bias = nn.Parameter(torch.zeros(self.n_heads, self.d_head))  # u
-        self.position_bias = nn.Parameter(torch.zeros(self.n_heads, self.d_head))  # v
-        self.attn_dropout = cfg.attn_dropout
-        for lin in (self.q, self.k, self.v, self.r, self.out):
-            init_linear(lin, cfg.n_layers)
-
-    def forward(self, x_BLD: Tensor, mem_BMD: Tensor | None) -> Tensor:
-        B, L, _ = x_BLD.shape
-        ctx_BKD = x_BLD if mem_BMD is None else torch.cat([mem_BMD, x_BLD], dim=1)
-        K = ctx_BKD.shape[1]
-        M = K - L
-        H, Dh = self.n_heads, self.d_head
-        q_BHLd = self.q(x_BLD).view(B, L, H, Dh).transpose(1, 2)
-        k_BHKd = self.k(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
-        v_BHKd = self.v(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
-
-        # distances 0..K-1; query i sits at absolute position M + i, key j at j
-        dist_K = torch.arange(K, device=x_BLD.device)
-        r_HKd = self.r(sinusoid_table(dist_K, ctx_BKD.shape[-1]).to(x_BLD.dtype))
-        r_HKd = r_HKd.view(K, H, Dh).transpose(0, 1)
-        qv_BHLd = q_BHLd + self.position_bias[:, None, :]
-        pos_by_dist_BHLK = torch.einsum("bhld,hkd->bhlk", qv_BHLd, r_HKd)
-        rel_LK = (M + torch.arange(L, device=x_BLD.device))[:, None] - dist_K[None, :]
-        future_LK = rel_LK < 0
-        pos_BHLK = pos_by_dist_BHLK.gather(-1, rel_LK.clamp(min=0).expand(B, H, L, K))
-        bias_BHLK = (pos_BHLK * Dh**-0.5).masked_fill(future_LK, float("-inf"))
-        att_BHLd = F.scaled_dot_product_attention(
-            q_BHLd + self.content_bias[:, None, :],
-            k_BHKd,
-            v_BHKd,
-            attn_mask=bias_BHLK,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )
-        return self.out(att_BHLd.transpose(1, 2).reshape(B, L, H * Dh))
-
-
-def reference_relative_attention(
-    attn: RelativeAttention, x_BLD: Tensor, mem_BMD: Tensor | None
-) -> Tensor:
-    """Readable reference of RelativeAttention.forward: the positional term is computed from the
-    embedding of each (query, key) pair's distance directly, without the gather by distance, and
-    attention is an explicit masked softmax. Without dropout."""
-    B, L, _ = x_BLD.shape
-    ctx_BKD = x_BLD if mem_BMD is None else torch.cat([mem_BMD, x_BLD], dim=1)
-    K, M = ctx_BKD.shape[1], ctx_BKD.shape[1] - L
-    H, Dh = attn.n_heads, attn.d_head
-    q_BLHd = attn.q(x_BLD).view(B, L, H, Dh)
-    k_BKHd = attn.k(ctx_BKD).view(B, K, H, Dh)
-    v_BKHd = attn.v(ctx_BKD).view(B, K, H, Dh)
-    query_pos_L = M + torch.arange(L, device=x_BLD.device)
-    dist_LK = query_pos_L[:, None] - torch.arange(K, device=x_BLD.device)[None, :]
-    r_LKD = sinusoid_table(dist_LK.clamp(min=0).flatten(), ctx_BKD.shape[-1]).view(L, K, -1)
-    r_LKHd = attn.r(r_LKD.to(x_BLD.dtype)).view(L, K, H, Dh)
-    content_BHLK = torch.einsum("blhd,bkhd->bhlk", q_BLHd + attn.content_bias, k_BKHd)
-    position_BHLK = torch.einsum("blhd,lkhd->bhlk", q_BLHd + attn.position_bias, r_LKHd)
-    scores_BHLK = (content_BHLK + position_BHLK) * Dh**-0.5
-    scores_BHLK = scores_BHLK.masked_fill(dist_LK < 0, float("-inf"))
-    att_BLHd = torch.einsum("bhlk,bkhd->blhd", scores_BHLK.softmax(-1), v_BKHd)
-    return attn.out(att_BLHd.reshape(B, L, H * Dh))
+__all__ = ["RelativeAttention", "TransformerXL", "init_linear", "reference_relative_attention"]
 
 
 class XLLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(cfg.d_model)
-        self.attn = RelativeAttention(cfg)
+        self.attn = cfg.attention.build()
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FFNBlock(cfg, index)
         self.standalone = standalone_block(cfg, index)

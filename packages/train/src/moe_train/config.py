@@ -8,7 +8,9 @@ moe_models config dataclass) and a `TrainConfig`. It is resolved in this order, 
    `train` (the `config.json` a run writes has this shape, so it can be fed back);
 3. flags such as `--max-steps` or `--lr`;
 4. `key=value` overrides: a bare key (`d_model=64`) or `model.KEY` sets a model field, `train.KEY`
-   (`train.lr=3e-4`) a training field. Values are read as the type of the field they replace.
+   (`train.lr=3e-4`) a training field, `ffn.KEY` and `attention.KEY` (`attention=switchhead
+   attention.n_experts=4`) an option of the model's FFN or attention. Values are read as the
+   type of the field they replace.
 """
 
 from __future__ import annotations

@@ -1,0 +1,219 @@
+"""Self-attention as a pluggable part of the models: its contract and the built-in attentions.
+
+A model config names its attention like its FFN: `attention = {"type": NAME, **options}` (or a
+registered name, or a config instance); `moe_models.register_attention(name, config_cls)` adds a
+user's. The config class is a dataclass with a `d_model` field and a `build()`; the model fills
+the fields it owns (`registry.ATTENTION_MODEL_FIELDS`: d_model, n_layers, n_heads, d_head,
+attn_dropout, state_kind) where the class has them. A model calls its attention on the input of
+the new tokens, x_BLD ([B, L, d_model], after the layer's norm where the architecture has one), and
+the attention is causal: new token i sees the earlier tokens and the new tokens 0..i. What it sees
+of earlier tokens is the generation state, of one of two kinds, `state_kinds` on the config class
+saying which the attention serves and the architecture choosing one:
+
+- "memory" (transformer_xl, moeut): the model keeps the memory, the inputs of earlier tokens
+  [B, M, d_model] in the same space as x_BLD (or None for none), and calls
+  `y_BLD = attn(x_BLD, memory_BMD)`; new token i sits at position M + i, memory row j at j.
+  Positions are the attention's business (relative positions, RoPE, ...).
+- "cache" (decoder): the attention keeps what it needs (a key/value cache) and the model only
+  passes it on: `y_BLD, cache = attn(x_BLD, cache)` with cache None at the start; the attention
+  also answers `attn.cached_length(cache)`, how many tokens its cache holds.
+
+A width other than d_model is a ValueError naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from moe_models.primitives import init_linear, sinusoid_table
+from moe_models.registry import STATE_KINDS, register_attention
+
+
+def check_width(x: Tensor, d_model: int, what: str) -> None:
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{what} must be [B, L, d_model={d_model}], got {tuple(x.shape)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """The fields every built-in attention shares (the model fills them)."""
+
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_head: int = 32
+    attn_dropout: float = 0.0
+    state_kind: str = "memory"
+
+    state_kinds: ClassVar[tuple[str, ...]] = STATE_KINDS
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_head"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.attn_dropout, int | float) and 0 <= self.attn_dropout < 1):
+            raise ValueError(f"attn_dropout must be in [0, 1), got {self.attn_dropout!r}")
+        if self.state_kind not in self.state_kinds:
+            raise ValueError(
+                f"state_kind must be one of {self.state_kinds}, got {self.state_kind!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelativeAttentionConfig(AttentionConfig):
+    """Transformer-XL's relative-position attention (the transformer_xl default)."""
+
+    state_kinds: ClassVar[tuple[str, ...]] = ("memory",)
+
+    def build(self) -> RelativeAttention:
+        return RelativeAttention(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalAttentionConfig(AttentionConfig):
+    """Multi-head causal attention with a key/value cache, no positions of its own (the
+    decoder's default: its positions are added to the embeddings)."""
+
+    state_kind: str = "cache"
+    state_kinds: ClassVar[tuple[str, ...]] = ("cache",)
+
+    def build(self) -> CausalSelfAttention:
+        return CausalSelfAttention(self)
+
+
+class RelativeAttention(nn.Module):
+    """Relative positional attention (Dai et al. 2019): the score of query i and key j is
+        (q_i + u) · k_j + (q_i + v) · W_r r(i - j),
+    with r the sinusoidal embedding of the distance and u, v learned per-head biases."""
+
+    Config = RelativeAttentionConfig
+    state_kind = "memory"
+
+    def __init__(self, cfg: RelativeAttentionConfig) -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        inner = self.n_heads * self.d_head
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.r = nn.Linear(cfg.d_model, inner, bias=False)
+        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        self.content_bias = nn.Parameter(torch.zeros(self.n_heads, self.d_head))  # u
+        self.position_bias = nn.Parameter(torch.zeros(self.n_heads, self.d_head))  # v
+        self.attn_dropout = cfg.attn_dropout
+        for lin in (self.q, self.k, self.v, self.r, self.out):
+            init_linear(lin, cfg.n_layers)
+
+    def forward(self, x_BLD: Tensor, mem_BMD: Tensor | None) -> Tensor:
+        check_width(x_BLD, self.d_model, "the attention input")
+        if mem_BMD is not None:
+            check_width(mem_BMD, self.d_model, "the attention memory")
+        B, L, _ = x_BLD.shape
+        ctx_BKD = x_BLD if mem_BMD is None else torch.cat([mem_BMD, x_BLD], dim=1)
+        K = ctx_BKD.shape[1]
+        M = K - L
+        H, Dh = self.n_heads, self.d_head
+        q_BHLd = self.q(x_BLD).view(B, L, H, Dh).transpose(1, 2)
+        k_BHKd = self.k(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
+        v_BHKd = self.v(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
+
+        # distances 0..K-1; query i sits at absolute position M + i, key j at j
+        dist_K = torch.arange(K, device=x_BLD.device)
+        r_HKd = self.r(sinusoid_table(dist_K, ctx_BKD.shape[-1]).to(x_BLD.dtype))
+        r_HKd = r_HKd.view(K, H, Dh).transpose(0, 1)
+        qv_BHLd = q_BHLd + self.position_bias[:, None, :]
+        pos_by_dist_BHLK = torch.einsum("bhld,hkd->bhlk", qv_BHLd, r_HKd)
+        rel_LK = (M + torch.arange(L, device=x_BLD.device))[:, None] - dist_K[None, :]
+        future_LK = rel_LK < 0
+        pos_BHLK = pos_by_dist_BHLK.gather(-1, rel_LK.clamp(min=0).expand(B, H, L, K))
+        bias_BHLK = (pos_BHLK * Dh**-0.5).masked_fill(future_LK, float("-inf"))
+        att_BHLd = F.scaled_dot_product_attention(
+            q_BHLd + self.content_bias[:, None, :],
+            k_BHKd,
+            v_BHKd,
+            attn_mask=bias_BHLK,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        return self.out(att_BHLd.transpose(1, 2).reshape(B, L, H * Dh))
+
+
+def reference_relative_attention(
+    attn: RelativeAttention, x_BLD: Tensor, mem_BMD: Tensor | None
+) -> Tensor:
+    """Readable reference of RelativeAttention.forward: the positional term is computed from the
+    embedding of each (query, key) pair's distance directly, without the gather by distance, and
+    attention is an explicit masked softmax. Without dropout."""
+    B, L, _ = x_BLD.shape
+    ctx_BKD = x_BLD if mem_BMD is None else torch.cat([mem_BMD, x_BLD], dim=1)
+    K, M = ctx_BKD.shape[1], ctx_BKD.shape[1] - L
+    H, Dh = attn.n_heads, attn.d_head
+    q_BLHd = attn.q(x_BLD).view(B, L, H, Dh)
+    k_BKHd = attn.k(ctx_BKD).view(B, K, H, Dh)
+    v_BKHd = attn.v(ctx_BKD).view(B, K, H, Dh)
+    query_pos_L = M + torch.arange(L, device=x_BLD.device)
+    dist_LK = query_pos_L[:, None] - torch.arange(K, device=x_BLD.device)[None, :]
+    r_LKD = sinusoid_table(dist_LK.clamp(min=0).flatten(), ctx_BKD.shape[-1]).view(L, K, -1)
+    r_LKHd = attn.r(r_LKD.to(x_BLD.dtype)).view(L, K, H, Dh)
+    content_BHLK = torch.einsum("blhd,bkhd->bhlk", q_BLHd + attn.content_bias, k_BKHd)
+    position_BHLK = torch.einsum("blhd,lkhd->bhlk", q_BLHd + attn.position_bias, r_LKHd)
+    scores_BHLK = (content_BHLK + position_BHLK) * Dh**-0.5
+    scores_BHLK = scores_BHLK.masked_fill(dist_LK < 0, float("-inf"))
+    att_BLHd = torch.einsum("bhlk,bkhd->blhd", scores_BHLK.softmax(-1), v_BKHd)
+    return attn.out(att_BLHd.reshape(B, L, H * Dh))
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head attention; its cache is the (k, v) [B, H, K, d_head] of earlier tokens."""
+
+    Config = CausalAttentionConfig
+    state_kind = "cache"
+
+    def __init__(self, cfg: CausalAttentionConfig) -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        inner = self.n_heads * self.d_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * inner)
+        self.out = nn.Linear(inner, cfg.d_model)
+        self.attn_dropout = cfg.attn_dropout
+        init_linear(self.qkv, cfg.n_layers)
+        init_linear(self.out, cfg.n_layers)
+
+    @staticmethod
+    def cached_length(cache: tuple[Tensor, Tensor] | None) -> int:
+        return 0 if cache is None else cache[0].shape[2]
+
+    def forward(self, x_BLD: Tensor, past: tuple[Tensor, Tensor] | None):
+        check_width(x_BLD, self.d_model, "the attention input")
+        B, L, _ = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        K = k.shape[2]
+        # query i sits at position K - L + i and sees keys 0..K - L + i
+        allowed_LK = (
+            torch.arange(K, device=x_BLD.device)[None, :]
+            <= (K - L + torch.arange(L, device=x_BLD.device))[:, None]
+        )
+        att_BHLd = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed_LK, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.out(att_BHLd.transpose(1, 2).reshape(B, L, -1)), (k, v)
+
+
+BUILTIN_ATTENTIONS = {"relative": RelativeAttentionConfig, "causal": CausalAttentionConfig}
+for _name, _cls in BUILTIN_ATTENTIONS.items():
+    register_attention(_name, _cls)
+
+# the attention an architecture gets when its config names none
+DEFAULT_ATTENTION = {"transformer_xl": "relative", "decoder": "causal"}
+# the kind of generation state each architecture keeps
+ARCH_STATE_KIND = {"transformer_xl": "memory", "decoder": "cache"}
