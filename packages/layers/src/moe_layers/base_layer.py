@@ -114,10 +114,15 @@ def _auction(scores_TE: Tensor, eps: float | None, max_rounds: int) -> Tensor:
     return owner_N[:n_tokens]
 
 
-_auction_op = torch.library.custom_op("moe_layers::balanced_assignment", _auction, mutates_args=())
+# defined on a Library, not by torch.library.custom_op, whose kernel wrapper imports torch._dynamo
+# (seconds, and sympy) at the op's first call in every eager program (as moe_kernels.library)
+_LIBRARY = torch.library.Library("moe_layers", "FRAGMENT")
+_LIBRARY.define("balanced_assignment" + torch.library.infer_schema(_auction, mutates_args=()))
+_LIBRARY.impl("balanced_assignment", _auction, "CompositeExplicitAutograd")
+_auction_op = torch.ops.moe_layers.balanced_assignment.default
 
 
-@_auction_op.register_fake
+@torch.library.register_fake(_auction_op, lib=_LIBRARY)
 def _(scores_TE, eps, max_rounds):
     return scores_TE.new_empty(scores_TE.shape[0], dtype=torch.long)
 

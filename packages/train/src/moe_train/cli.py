@@ -20,9 +20,6 @@ import os
 import sys
 import traceback
 
-import moe_data
-import torch
-
 import moe_train
 from moe_train.commands import (
     compare,
@@ -82,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         args.command = argv[0]
         run = command.run
         return run(args)
-    except (CLIError, moe_data.DataError, OSError, torch.cuda.OutOfMemoryError) as e:
-        # what the user can fix: config, data, checkpoint, file system, memory
+    except _user_errors() as e:
         if os.environ.get("MOE_TRAIN_DEBUG"):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -107,6 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("error: internal error (a bug); the traceback above says where", file=sys.stderr)
         return EXIT_BUG
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The error types of what the user can fix: config, data, checkpoint, file system, memory.
+    moe_data's and torch's are named only when the command imported them (an error of a module
+    never imported was not raised), so that `--help` imports neither."""
+    errors: list[type[BaseException]] = [CLIError, OSError]
+    if (data_errors := sys.modules.get("moe_data.errors")) is not None:
+        errors.append(data_errors.DataError)
+    if (torch := sys.modules.get("torch")) is not None:
+        errors.append(torch.cuda.OutOfMemoryError)
+    return tuple(errors)
 
 
 def _from_torch_compile(e: BaseException) -> bool:

@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import moe_models
-from moe_models.config import parse_text
-
 from moe_train import plugins as plugins_mod
 from moe_train.errors import CLIError
 
@@ -37,6 +34,14 @@ DEFAULT_PRESET = "tiny-sigma-moe"
 MAX_SEED = 2**32 - 1
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _models():
+    """moe_models, imported where a model config is made or read: it imports torch, which the
+    command-line parsers (and so `moe-train --help`) must not."""
+    import moe_models
+
+    return moe_models
 
 
 @dataclass
@@ -148,7 +153,7 @@ class RunConfig:
             "preset": self.preset,
             "data": self.data,
             "plugins": list(self.plugins),
-            "model": moe_models.config_to_dict(self.model),
+            "model": _models().config_to_dict(self.model),
             "train": dataclasses.asdict(self.train),
         }
 
@@ -168,7 +173,7 @@ class RunConfig:
         plugins = list(d.get("plugins", []))
         missing = plugins_mod.load_recorded(plugins, trust=trust_plugins)
         try:
-            model = moe_models.config_from_dict(d["model"])
+            model = _models().config_from_dict(d["model"])
         except (KeyError, TypeError, ValueError) as e:
             if missing:
                 raise CLIError(plugins_mod.not_imported(where, missing, offer_trust)) from None
@@ -184,6 +189,8 @@ class RunConfig:
 
 
 def parse_value(text: str, key: str, hint) -> Any:
+    from moe_models.config import parse_text
+
     try:
         return parse_text(text, hint, key)
     except ValueError as e:
@@ -256,7 +263,7 @@ def load_config_file(path: str | Path) -> dict:
 def model_config(preset: str, overrides: dict[str, Any]) -> Any:
     """The preset's model config with `overrides` (text values are read as the fields' types)."""
     try:
-        return moe_models.get_config(preset, **overrides)
+        return _models().get_config(preset, **overrides)
     except (ValueError, TypeError) as e:
         raise CLIError(f"model config: {e}") from None
 

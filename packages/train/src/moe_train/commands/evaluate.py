@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from moe_train.commands.common import add_plugin_flag
 from moe_train.config import non_negative_int, positive_int
 from moe_train.errors import CLIError
@@ -54,6 +52,7 @@ def add_arguments(p) -> None:
 def _splits(args, loaded) -> tuple[str, str, dict]:
     """(data name, level, {split name: token ids})."""
     import moe_data
+    import numpy as np
 
     from moe_train.data import load_corpus
     from moe_train.loading import encode, same_vocabulary

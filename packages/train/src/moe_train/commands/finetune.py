@@ -13,7 +13,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from moe_train import checkpoint as ckpt
 from moe_train.commands.prime import add_task_arguments, check_k_shot, load, scoring_options
 from moe_train.config import positive_float, positive_int
 from moe_train.errors import CLIError
@@ -59,6 +58,7 @@ def _run_config(loaded):
 def run(args) -> int:
     import moe_data
 
+    from moe_train import checkpoint as ckpt
     from moe_train.metrics import MetricsLogger, level_metrics
     from moe_train.priming import accuracy, finetune, load_task
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import moe_models
-
 from moe_train.commands.common import add_plugin_flag
 from moe_train.config import DEFAULT_PRESET, resolve
 
@@ -31,6 +29,8 @@ def _count(n: int) -> str:
 
 
 def run(args) -> int:
+    import moe_models
+
     if args.list:
         rows = []
         for name in moe_models.presets():

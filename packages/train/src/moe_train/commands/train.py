@@ -6,9 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-import moe_models
-
-from moe_train import checkpoint as ckpt
 from moe_train.commands.common import add_plugin_flag, plugins
 from moe_train.config import (
     DEFAULT_PRESET,
@@ -136,6 +133,10 @@ def model_flags(args) -> dict:
 
 def resume_config(args, out_dir: Path) -> RunConfig:
     """The checkpoint's own config; only training fields may be changed for the continuation."""
+    import moe_models
+
+    from moe_train import checkpoint as ckpt
+
     # the trainer loads it again and says which newer files it skipped
     payload = ckpt.load_newest(out_dir)
     if payload is None:
