@@ -21,8 +21,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import moe_models
-
 from moe_train.errors import CLIError
 
 
@@ -82,6 +80,9 @@ def load(spec: str) -> None:
 
 
 def _registered() -> dict[str, type]:
+    # imported here: moe_models imports torch, and `--help` (which imports this) must not
+    import moe_models
+
     return {name: moe_models.ffn_config_class(name) for name in moe_models.registered_ffns()}
 
 
