@@ -4,6 +4,7 @@ most once (the first call compiles for static shapes, the second with the token 
 then no more). A graph break would fail fullgraph. `aot_eager` for all (inductor's code
 generation is slow on small CI machines), inductor for one layer."""
 
+import moe_layers
 import pytest
 import torch
 from moe_layers import (
@@ -125,3 +126,18 @@ def test_inductor_compile_matches_eager():
     torch.manual_seed(0)
     layer = SigmaMoE(D, 4, 3, 2, entropy_weight=0.1).train()
     assert check_compiled_matches_eager(layer, "inductor", SHAPES[:1]) == 1
+
+
+def test_compiled_forwards_add_their_load_too():
+    """Under torch.compile (fullgraph) the forward's load accumulation is kept, so the bias
+    still moves in a compiled model."""
+    torch.manual_seed(0)
+    layer = TokenChoiceMoE(8, 4, 3, 2, bias_update_rate=0.1).train()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    total = 0
+    for n in (10, 12, 7):
+        compiled(torch.randn(n, 8)).sum().backward()
+        total = total + layer.routing_stats.expert_counts
+    torch.testing.assert_close(layer.router.pending_load, total)
+    moe_layers.after_optimizer_step(layer)
+    assert layer.router.expert_bias.abs().max() > 0

@@ -31,6 +31,12 @@ Routing statistics
     and eval, with `self.record_routing_stats(...)`. `collect_routing_stats(model)` returns them keyed by
     the qualified module name.
 
+After the optimiser step
+    `after_optimizer_step(model, group)` calls `layer.after_optimizer_step(group)` on every layer;
+    a trainer calls it after each optimizer.step() on every data-parallel rank (`group`: the
+    data-parallel process group). A layer whose state follows the training batches updates it
+    there (TokenChoiceMoE's expert bias, from the load of the global batch); others do nothing.
+
 Routed layers
     A `RoutedMoE` holds a `router` (a `Router`: x_TD, token_ids_T -> `Routing`) and `experts` (an
     `Experts`: the E two-layer MLPs); its forward is routing = router(x), record the routing's
