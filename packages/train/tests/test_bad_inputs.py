@@ -312,6 +312,16 @@ CLI_CASES = [
     (["prime", "/nonexistent/run", "--task", "{task}"], ["/nonexistent/run"]),
     # finetune
     (["finetune", "{run}", "--task", "{task}", "--batch-size", "0"], ["--batch-size", "0"]),
+    (
+        ["finetune", "{run}", "--task", "{task}", "--out", "{tmp}/locked"],
+        ["in use", ".lock", str(os.getpid())],
+        live_lock,
+    ),
+    (
+        ["finetune", "{run}", "--task", "{task}", "--out", "{tmp}/locked"],
+        ["another-host.invalid", ".lock"],
+        foreign_lock,
+    ),
     (["finetune", "{run}", "--task", "{task}", "--max-steps", "0"], ["--max-steps", "0"]),
     (["finetune", "{run}", "--task", "{task}", "--lr", "nan"], ["--lr", "nan"]),
     (["finetune", "{run}", "--task", "{task}", "--lr", "-1"], ["--lr", "-1"]),

@@ -1,10 +1,11 @@
 """A run folder: created with clear errors, locked while a run uses it, its history kept apart.
 
-Lock: `DIR/.lock` holds the pid, host and start time of the process training into DIR. It is
-created exclusively (O_EXCL), so of two runs started on one folder only one gets it; the other
-is refused, naming the holder. A lock whose process is gone (no such pid on this host, or the pid
-now belongs to a process started later) is stale and taken over. A lock written on another host
-cannot be checked and is respected.
+Lock: `DIR/.lock` holds the pid, host and start time of the process training into DIR, and that
+process holds a `flock` on it, so of two runs started on one folder only one gets it (also when
+both find a stale lock at once); the other is refused, naming the holder. A lock whose process is
+gone (the flock went with it; no such pid on this host, or the pid now belongs to a process
+started later) is stale and taken over. A lock written on another host cannot be checked and is
+respected.
 
 History: what a run writes (`HISTORY`). A fresh run into a folder that holds another run's
 history would mix the two (metrics.jsonl appended to, old checkpoints resumed or pruned); it is
@@ -13,6 +14,7 @@ refused unless the run resumes that history or is told to overwrite it, which de
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -24,8 +26,6 @@ from moe_train.errors import CLIError
 
 LOCK = ".lock"
 HISTORY = ("config.json", "metrics.jsonl", "checkpoints", "tb")
-# a lock file younger than this that cannot be read yet is being written by its owner
-UNREADABLE_GRACE_S = 5.0
 
 
 def prepare(out_dir: Path, label: str = "--out") -> None:
@@ -70,11 +70,20 @@ def _alive(holder: dict) -> bool:
 
 
 class RunLock:
-    """The lock of one run folder; `acquire` returns a note to print when it took over a stale one."""
+    """The lock of one run folder; `acquire` returns a note to print when it took over a stale one.
+
+    The exclusion is the kernel's: `flock` on the open lock file, held until `release` (or until
+    the process ends, however it ends). A process that finds the lock file holds the flock only
+    once nobody else does, then checks that the path still names the file it locked (a releaser
+    may have deleted it meanwhile), so of several processes taking over one stale lock exactly
+    one succeeds. The JSON inside says who holds it, for the messages and for hosts the flock
+    does not reach (a lock written on another host is respected).
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / LOCK
         self.held = False
+        self._fd: int | None = None
 
     def _read(self) -> dict | None:
         try:
@@ -83,17 +92,20 @@ class RunLock:
             return None
         return holder if isinstance(holder, dict) else None
 
-    def _refuse_or_note(self) -> str:
-        """The note for taking over the existing lock; a CLIError when its run may be live."""
-        holder = self._read()
+    def _busy(self, holder: dict | None) -> CLIError:
         if holder is None:
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return ""  # released meanwhile
-            if age < UNREADABLE_GRACE_S:
-                raise CLIError(f"run folder {self.path.parent} is being locked by another run")
-            return f"note: took over the unreadable lock file {self.path}"
+            return CLIError(f"run folder {self.path.parent} is being locked by another run")
+        who = f"process {holder.get('pid')} on {holder.get('host')}"
+        return CLIError(
+            f"run folder {self.path.parent} is in use by a live run ({who}, {self.path}); "
+            "wait for it to finish or choose another --out"
+        )
+
+    def _refuse_or_note(self, holder: dict | None) -> str | None:
+        """With the flock held: the note for taking over what the file says; a CLIError when its
+        run may be live (another host's, or one that locked without flock)."""
+        if holder is None:
+            return None
         who = f"process {holder.get('pid')} on {holder.get('host')}"
         if holder.get("host") != socket.gethostname():
             raise CLIError(
@@ -101,11 +113,32 @@ class RunLock:
                 "over, delete the lock file"
             )
         if _alive(holder):
-            raise CLIError(
-                f"run folder {self.path.parent} is in use by a live run ({who}, {self.path}); "
-                "wait for it to finish or choose another --out"
-            )
+            raise self._busy(holder)
         return f"note: took over the stale lock {self.path} of {who}, which is no longer running"
+
+    def _open_locked(self) -> int | None:
+        """A descriptor of the lock file with the flock held, or None when the path was replaced
+        while waiting (try again). A CLIError when another process holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CLIError(f"cannot create the lock file {self.path} ({e.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(self._read()) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     def acquire(self) -> str | None:
         me = {
@@ -114,27 +147,35 @@ class RunLock:
             "start": _process_start(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        note = None
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                stale = self._refuse_or_note()
-                if stale:
-                    note = stale
-                    self.path.unlink(missing_ok=True)
+        for _ in range(10):
+            fd = self._open_locked()
+            if fd is None:
                 continue
+            try:
+                note = self._refuse_or_note(self._read())
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
             except OSError as e:
-                raise CLIError(f"cannot create the lock file {self.path} ({e.strerror})") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+                os.close(fd)
+                raise CLIError(f"cannot write the lock file {self.path} ({e.strerror})") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self.held = fd, True
             return note
         raise CLIError(f"run folder {self.path.parent}: another run keeps taking its lock")
 
     def release(self) -> None:
-        if self.held and (self._read() or {}).get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
+        """Delete the lock file, then drop the flock (in that order: a process waiting on the
+        old file then sees that it is gone and locks the new one)."""
+        if self._fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                    self.path.unlink()
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
         self.held = False
 
 

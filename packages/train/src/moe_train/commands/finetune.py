@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
     )
 
 
-def _out_dir(args, task) -> Path:
+def _out_dir(args, task):
+    """(the output folder, its lock, held): two commands never write one folder at once."""
     from moe_train import rundir
 
     if args.out:
@@ -41,10 +42,15 @@ def _out_dir(args, task) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"finetune-{task.name}-{stamp}"
     rundir.prepare(out)
+    lock = rundir.RunLock(out)
+    note = lock.acquire()
+    if note:
+        print(note, file=sys.stderr)
     found = rundir.history(out)
     if found:
+        lock.release()
         raise CLIError(f"--out {out} already holds a run ({', '.join(found)}); choose another")
-    return out
+    return out, lock
 
 
 def _run_config(loaded):
@@ -56,17 +62,26 @@ def _run_config(loaded):
 
 
 def run(args) -> int:
-    import moe_data
-
-    from moe_train import checkpoint as ckpt
-    from moe_train.metrics import MetricsLogger, level_metrics
-    from moe_train.priming import accuracy, finetune, load_task
+    from moe_train.priming import load_task
 
     loaded = load(args)
     task = load_task(args.task)
     eval_task = load_task(args.eval_task) if args.eval_task else task
     check_k_shot(args.k_shot, eval_task)
-    out = _out_dir(args, task)
+    out, lock = _out_dir(args, task)
+    try:
+        return _finetune(args, loaded, task, eval_task, out)
+    finally:
+        lock.release()
+
+
+def _finetune(args, loaded, task, eval_task, out: Path) -> int:
+    import moe_data
+
+    from moe_train import checkpoint as ckpt
+    from moe_train.metrics import MetricsLogger, level_metrics
+    from moe_train.priming import accuracy, finetune
+
     run_config = _run_config(loaded).to_dict()
     (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     moe_data.save_tokenizer(loaded.vocab, out / "tokenizer.json")
