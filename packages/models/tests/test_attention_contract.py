@@ -46,34 +46,38 @@ class GatedMeanConfig:
 moe_models.register_attention("gated_mean_test", GatedMeanConfig)
 
 
-def _arch(name: str) -> str:
-    kinds = moe_models.attention_config_class(name).state_kinds
-    return "transformer_xl" if "memory" in kinds else "decoder"
+KIND_ARCH = {"memory": "transformer_xl", "cache": "decoder"}
 
 
-def _model(name: str, seed: int = 0, **overrides):
+def _model(name: str, arch: str | None = None, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    cfg = moe_models.get_config(
-        "tiny-dense",
-        arch=_arch(name),
+    kinds = moe_models.attention_config_class(name).state_kinds
+    options = dict(
+        arch=arch or KIND_ARCH[kinds[0]],
         d_model=24,
         n_heads=2,
         n_layers=2,
         d_ff=32,
         seq_len=8,
         attention={"type": name, **ATTENTION_OPTIONS.get(name, {})},
-        **overrides,
     )
+    cfg = moe_models.get_config("tiny-dense", **(options | overrides))
     return moe_models.build(cfg)
 
 
 ATTENTIONS = moe_models.registered_attentions()
+# every registered attention in every architecture whose state kind it serves
+PAIRS = [
+    (name, KIND_ARCH[kind])
+    for name in ATTENTIONS
+    for kind in moe_models.attention_config_class(name).state_kinds
+]
 
 
-@pytest.mark.parametrize("name", ATTENTIONS)
+@pytest.mark.parametrize(("name", "arch"), PAIRS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_every_attention_is_causal(name, mode):
-    model = _model(name)
+def test_every_attention_is_causal(name, arch, mode):
+    model = _model(name, arch)
     model.train(mode == "train")
     tokens = torch.randint(0, 256, (2, 8))
     changed = tokens.clone()
@@ -86,9 +90,9 @@ def test_every_attention_is_causal(name, mode):
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-@pytest.mark.parametrize("name", ATTENTIONS)
-def test_the_state_gives_the_logits_of_the_whole_sequence(name):
-    model = _model(name, mem_len=8).eval()
+@pytest.mark.parametrize(("name", "arch"), PAIRS)
+def test_the_state_gives_the_logits_of_the_whole_sequence(name, arch):
+    model = _model(name, arch, mem_len=8).eval()
     tokens = torch.randint(0, 256, (2, 8))
     whole = model(tokens).logits
     out = model(tokens[:, :3], state=model.init_state())
@@ -98,9 +102,9 @@ def test_the_state_gives_the_logits_of_the_whole_sequence(name):
     torch.testing.assert_close(out2.logits, whole[:, 4:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ATTENTIONS)
-def test_wrong_widths_are_one_line_errors(name):
-    model = _model(name)
+@pytest.mark.parametrize(("name", "arch"), PAIRS)
+def test_wrong_widths_are_one_line_errors(name, arch):
+    model = _model(name, arch)
     attn = model.layers[0].attn
     with pytest.raises(ValueError, match=r"d_model=24") as err:
         attn(torch.randn(2, 3, 23), None)
@@ -122,6 +126,14 @@ def test_a_users_attention_builds_trains_and_round_trips():
     again = moe_models.config_from_dict(moe_models.config_to_dict(cfg))
     assert again == cfg and moe_models.attention_name(again.attention) == "gated_mean_test"
     assert moe_models.count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_switchhead_counts_its_chosen_experts_as_active():
+    model = _model("switchhead", n_layers=3)
+    counts = moe_models.count_parameters(model.config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    per_layer = 2 * 2 * (3 - 2) * 24 * 12  # heads * (experts not chosen) * value+output expert
+    assert counts["total"] - counts["active"] == 3 * per_layer
 
 
 def test_defaults_overrides_and_errors():

@@ -29,6 +29,7 @@ from moe_layers.sbase import SBaseMoE
 from moe_layers.sigma_moe import SigmaMoE
 from moe_layers.smlp import CausalSGU, SMoE, TMoE
 from moe_layers.switch import SwitchMoE
+from moe_layers.switchhead import SwitchHead
 from moe_layers.token_choice import TokenChoiceMoE
 from moe_layers.topk import TopKFFN
 
@@ -55,6 +56,7 @@ __all__ = [
     "SBaseMoE",
     "SMoE",
     "SigmaMoE",
+    "SwitchHead",
     "SwitchMoE",
     "TMoE",
     "TokenChoiceMoE",

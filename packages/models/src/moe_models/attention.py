@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import moe_layers
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -209,7 +210,46 @@ class CausalSelfAttention(nn.Module):
         return self.out(att_BHLd.transpose(1, 2).reshape(B, L, -1)), (k, v)
 
 
-BUILTIN_ATTENTIONS = {"relative": RelativeAttentionConfig, "causal": CausalAttentionConfig}
+@dataclass(frozen=True, kw_only=True)
+class SwitchHeadConfig(moe_layers.SwitchHead.Config):
+    """moe_layers.SwitchHead as a model's attention, of either state kind: "memory" reads the
+    model's memory, "cache" keeps the inputs of the earlier tokens and recomputes their keys and
+    values (the value experts are chosen per token, so there is no cheaper exact cache of them
+    than the inputs times the chosen projections). Defaults: the authors' 4 experts, k = 2."""
+
+    n_experts: int = 4
+    k: int = 2
+    state_kind: str = "memory"
+
+    state_kinds: ClassVar[tuple[str, ...]] = STATE_KINDS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.state_kind not in self.state_kinds:
+            raise ValueError(
+                f"state_kind must be one of {self.state_kinds}, got {self.state_kind!r}"
+            )
+
+
+class SwitchHeadAttention(moe_layers.SwitchHead):
+    Config = SwitchHeadConfig
+
+    @staticmethod
+    def cached_length(cache: Tensor | None) -> int:
+        return 0 if cache is None else cache.shape[1]
+
+    def forward(self, x_BLD: Tensor, state: Tensor | None = None):
+        y_BLD = super().forward(x_BLD, state)
+        if self.config.state_kind == "memory":
+            return y_BLD
+        return y_BLD, x_BLD if state is None else torch.cat([state, x_BLD], dim=1)
+
+
+BUILTIN_ATTENTIONS = {
+    "relative": RelativeAttentionConfig,
+    "causal": CausalAttentionConfig,
+    "switchhead": SwitchHeadConfig,
+}
 for _name, _cls in BUILTIN_ATTENTIONS.items():
     register_attention(_name, _cls)
 

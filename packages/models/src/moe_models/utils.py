@@ -71,6 +71,20 @@ def _layer_counts(f) -> ParameterCount:
     return ParameterCount(total=total, active=total)
 
 
+def _attention_counts(cfg: ModelConfig) -> list[ParameterCount]:
+    """The counts of the distinct attention layers (MoEUT's shared ones once) that count their
+    active parameters (a routed attention such as SwitchHead); the others are all active."""
+    counter = getattr(cfg.attention, "parameter_count", None)
+    if counter is None:
+        return []
+    return [counter()] * distinct_layers(cfg)
+
+
+def distinct_layers(cfg: ModelConfig) -> int:
+    """How many layers have weights of their own (MoEUT shares G layers across the depth)."""
+    return cfg.n_layers if cfg.arch != "moeut" else cfg.moeut_group_size
+
+
 def _total(cfg: ModelConfig) -> int:
     """All parameters: the model built on the meta device with a one-unit dense FFN in every
     FFN layer (a 512-expert layer is big and slow to initialise even there) and no standalone
@@ -107,6 +121,7 @@ def count_parameters(model_or_config) -> dict[str, int]:
     cfg = _as_config(model_or_config)
     total = _n_params(model_or_config) if isinstance(model_or_config, nn.Module) else _total(cfg)
     counts = [_ffn_counts(cfg, i) for i in _ffn_layers(cfg)] + _standalone_counts(cfg)
+    counts += _attention_counts(cfg)
     inactive = sum(c.total - c.active for c in counts)
     return {"total": total, "active": total - inactive}
 
