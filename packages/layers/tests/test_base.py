@@ -187,3 +187,10 @@ def test_experts_config_counts_the_weights_experts_creates(d_model, n_experts, e
         total=gate + sum(p.numel() for p in experts.parameters()),
         active=gate + k * per_expert,
     )
+
+
+def test_experts_refuse_biases_with_a_gated_activation():
+    with pytest.raises(ValueError, match="swiglu"):
+        Experts(4, 2, 3, activation="swiglu", bias=True)
+    biased = Experts(4, 2, 3, bias=True)
+    assert [name for name, _ in biased.named_parameters()] == ["w1", "w2", "b1", "b2"]

@@ -1,4 +1,5 @@
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -145,3 +146,102 @@ def test_empty_batch(training):
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
     assert layer.routing_stats.n_tokens == 0
+
+
+@given(
+    d_model=st.integers(1, 7),
+    n_experts=st.integers(1, 5),
+    expert_size=st.integers(1, 6),
+    n_tokens=st.one_of(st.just(1), st.integers(1, 14)),
+    training=st.booleans(),
+    dropout=st.sampled_from([0.0, 0.3]),
+    expert_norm=st.booleans(),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_expert_biases_fast_matches_reference(
+    d_model,
+    n_experts,
+    expert_size,
+    n_tokens,
+    training,
+    dropout,
+    expert_norm,
+    seed,
+    data,
+    leading_shape,
+    fast_vs_reference,
+):
+    shape = data.draw(leading_shape(n_tokens))
+    x = torch.randn(*shape, d_model, generator=torch.Generator().manual_seed(seed))
+
+    def make(impl):
+        return BaseLayer(
+            d_model,
+            n_experts,
+            expert_size,
+            expert_bias=True,
+            expert_norm=expert_norm,
+            dropout=dropout,
+            impl=impl,
+        )
+
+    # dropout draws its masks in another order on each path: an elementwise stand-in, a function
+    # of the value, drops the same hidden units on both
+    def value_dropout(u, p=0.5, training=True, inplace=False):
+        return u * (torch.cos(u * 1e3) > 2 * p - 1) / (1 - p) if training and p > 0 else u
+
+    with mock.patch.object(F, "dropout", value_dropout):
+        fast_vs_reference(make, x.double(), seed, training)
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_eval_output_with_expert_biases_is_the_formula(impl):
+    torch.manual_seed(4)
+    layer = BaseLayer(5, 3, 4, expert_bias=True, expert_norm=True, impl=impl).double().eval()
+    with torch.no_grad():
+        layer.expert_norm.weight.uniform_(0.5, 1.5)
+        layer.expert_norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y = layer(x)
+    ex = layer.experts
+    for t in range(7):
+        a = layer.router.gate @ x[t]
+        e = a.argmax()
+        h = F.layer_norm(x[t], (5,), layer.expert_norm.weight[e], layer.expert_norm.bias[e])
+        ffn = F.relu(h @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+        torch.testing.assert_close(y[t], torch.sigmoid(a[e]) * ffn)
+
+
+def test_zero_init_output_zeroes_the_output_weight_only():
+    """As fairseq's BASE sublayer: ff2.weight = 0, ff2.bias keeps a Linear's init, so the block
+    does not start as the identity (the layer outputs σ(x.c_e) b2_e); without biases it outputs 0."""
+    torch.manual_seed(5)
+    d_model, expert_size = 6, 9
+    layer = BaseLayer(d_model, 3, expert_size, expert_bias=True, zero_init_output=True).eval()
+    ex = layer.experts
+    assert torch.count_nonzero(ex.w2) == 0
+    assert torch.count_nonzero(ex.b2) == ex.b2.numel()
+    assert ex.b2.abs().max() <= expert_size**-0.5
+    assert ex.b1.abs().max() <= d_model**-0.5
+    x = torch.randn(8, d_model)
+    a = x @ layer.router.gate.t()
+    e = a.argmax(-1)
+    expected = torch.sigmoid(a.gather(1, e[:, None])) * ex.b2[e]
+    torch.testing.assert_close(layer(x), expected)
+    assert layer(x).abs().sum() > 0
+    no_bias = BaseLayer(d_model, 3, expert_size, zero_init_output=True).eval()
+    assert torch.count_nonzero(no_bias(x)) == 0
+
+
+def test_expert_biases_are_counted_and_in_the_state_dict():
+    cfg = BaseLayer.Config(d_model=6, n_experts=3, expert_size=4, expert_bias=True)
+    layer = cfg.build()
+    assert {"experts.b1", "experts.b2"} <= layer.state_dict().keys()
+    assert layer.experts.b1.shape == (3, 4) and layer.experts.b2.shape == (3, 6)
+    count = cfg.parameter_count()
+    assert count.total == sum(p.numel() for p in layer.parameters())
+    plain = BaseLayer.Config(d_model=6, n_experts=3, expert_size=4).parameter_count()
+    assert count.active - plain.active == 4 + 6
+    with pytest.raises(ValueError, match="expert_bias"):
+        BaseLayer(6, 3, 4, expert_bias=1)

@@ -486,12 +486,15 @@ def reference_expert_mlp(
     activation: str,
     hidden_dropout: float = 0.0,
     w3_EDG: Tensor | None = None,
+    b1_EG: Tensor | None = None,
+    b2_ED: Tensor | None = None,
 ) -> Tensor:
     """Readable reference of the expert computation: a loop over experts. It reads the device
     (nonzero per expert), as the references may; the fast path (moe_kernels) does not.
 
     y[t] = sum_k gates[t, k] * dropout(act(x[t] @ w1[idx[t, k]])) @ w2[idx[t, k]]; a gated
     activation (GATED_ACTIVATIONS, with w3) uses act(x[t] @ w1[e]) * (x[t] @ w3[e]) instead.
+    With biases: act(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e], inside the gate.
     `hidden_dropout` > 0 applies (training-mode) dropout to the expert hidden activations.
     """
     gated = activation in GATED_ACTIVATIONS
@@ -500,12 +503,15 @@ def reference_expert_mlp(
     for e in range(w1_EDG.shape[0]):
         # an expert without tokens still joins the graph, so that y has a gradient path (zeros)
         tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
-        u = act(x_TD[tok] @ w1_EDG[e])
+        a = x_TD[tok] @ w1_EDG[e]
+        u = act(a if b1_EG is None else a + b1_EG[e])
         if gated:
             u = u * (x_TD[tok] @ w3_EDG[e])
         if hidden_dropout > 0:
             u = F.dropout(u, hidden_dropout)
         h = u @ w2_EGD[e]
+        if b2_ED is not None:
+            h = h + b2_ED[e]
         y_TD = y_TD.index_add(0, tok, h * gates_TK[tok, slot].unsqueeze(-1).to(h.dtype))
     return y_TD
 
@@ -519,8 +525,12 @@ class Experts(nn.Module):
     hidden_dropout: dropout on the expert hidden activations in training (the σ-MoE code's
         `dropout`); the fast path then runs the two expert matmuls separately, since expert_mlp
         fuses them.
+    bias: False, or True for biases b1 [E, G] and b2 [E, D]: act(x @ w1[e] + b1[e]) @ w2[e] +
+        b2[e] (fairseq's BASE experts; not with a gated activation); the fast path then runs the
+        two expert matmuls separately too.
     The arguments come from a layer's validated Config; parameters are left uninitialised for the
-    layer to initialise. Parameters: w1 [E, D, G], w2 [E, G, D] (and w3 [E, D, G], gated).
+    layer to initialise. Parameters: w1 [E, D, G], w2 [E, G, D] (and w3 [E, D, G], gated; b1, b2
+    with bias).
     """
 
     def __init__(
@@ -532,19 +542,24 @@ class Experts(nn.Module):
         activation: str = "relu",
         hidden_dropout: float = 0.0,
         impl: str = "fast",
+        bias: bool = False,
     ) -> None:
         super().__init__()
+        if bias and activation in GATED_ACTIVATIONS:
+            raise ValueError(f"expert biases are not defined for the gated {activation!r}")
         self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
         self.activation, self.hidden_dropout, self.impl = activation, hidden_dropout, impl
-        for name, shape in self.weight_shapes(d_model, n_experts, expert_size, activation).items():
+        self.bias = bias
+        shapes = self.weight_shapes(d_model, n_experts, expert_size, activation, bias)
+        for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
 
     @staticmethod
     def weight_shapes(
-        d_model: int, n_experts: int, expert_size: int, activation: str
-    ) -> dict[str, tuple[int, int, int]]:
-        """The expert weights by name: w1 [E, D, G], w2 [E, G, D], and w3 [E, D, G] for a gated
-        activation (GATED_ACTIVATIONS).
+        d_model: int, n_experts: int, expert_size: int, activation: str, bias: bool = False
+    ) -> dict[str, tuple[int, ...]]:
+        """The expert weights by name: w1 [E, D, G], w2 [E, G, D], w3 [E, D, G] for a gated
+        activation (GATED_ACTIVATIONS), b1 [E, G] and b2 [E, D] with biases.
 
         The one place that says which matrices an expert has: `Experts` creates them and
         `ExpertsConfig.parameter_count` counts them from it.
@@ -552,6 +567,9 @@ class Experts(nn.Module):
         shapes = {"w1": (n_experts, d_model, expert_size), "w2": (n_experts, expert_size, d_model)}
         if activation in GATED_ACTIVATIONS:
             shapes["w3"] = (n_experts, d_model, expert_size)
+        if bias:
+            shapes["b1"] = (n_experts, expert_size)
+            shapes["b2"] = (n_experts, d_model)
         return shapes
 
     def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
@@ -563,10 +581,16 @@ class Experts(nn.Module):
         w1_EDG, w2_EGD = self.w1.to(dtype), self.w2.to(dtype)
         gated = self.activation in GATED_ACTIVATIONS
         w3_EDG = self.w3.to(dtype) if gated else None
+        b1_EG, b2_ED = (self.b1.to(dtype), self.b2.to(dtype)) if self.bias else (None, None)
         if self.impl == "reference":
             return reference_expert_mlp(
-                x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, p, w3_EDG
+                x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, p, w3_EDG, b1_EG, b2_ED
             )
+        if self.bias:
+            a_TKG = moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK) + b1_EG[idx_TK]
+            u_TKG = F.dropout(ACTIVATIONS[self.activation](a_TKG), p)
+            y_TD = moe_kernels.expert_matmul(u_TKG, w2_EGD, idx_TK, gates_TK)
+            return y_TD + (gates_TK[..., None] * b2_ED[idx_TK]).sum(1)
         if p > 0:
             if gated:
                 a_TKG = moe_kernels.expert_matmul(x_TD, w1_EDG, idx_TK)
@@ -588,10 +612,11 @@ def routed_parameter_count(
     slots: int,
     gate: bool = True,
     activation: str = "relu",
+    bias: bool = False,
 ) -> ParameterCount:
     """A routed layer's count: a gate [E, D] (if any) and E experts, `slots` of them per token."""
     router = n_experts * d_model if gate else 0
-    shapes = Experts.weight_shapes(d_model, n_experts, expert_size, activation)
+    shapes = Experts.weight_shapes(d_model, n_experts, expert_size, activation, bias)
     expert = sum(math.prod(shape[1:]) for shape in shapes.values())
     return ParameterCount(total=router + n_experts * expert, active=router + slots * expert)
 
@@ -673,7 +698,13 @@ class ExpertsConfig(ExpertSizes):
             self.slots,
             gate=self.router_gate,
             activation=self.activation,
+            bias=self.biased_experts,
         )
+
+    @property
+    def biased_experts(self) -> bool:
+        """Whether the experts have biases (Experts' `bias`): False unless a layer has the option."""
+        return False
 
 
 class RoutedMoE(MoEModule):
@@ -707,6 +738,7 @@ class RoutedMoE(MoEModule):
             activation=c.activation,
             hidden_dropout=c.dropout,
             impl=c.impl,
+            bias=c.biased_experts,
         )
 
     def build_router(self) -> Router:

@@ -4,11 +4,15 @@ Training solves max sum_t s(t, e_t) over assignments giving every expert the sam
 (at most ceil(T/E)), s(t, e) = x_t . c_e, with an auction algorithm (Bertsekas) in torch; inference
 routes each token greedily to its best expert. fairseq's BASE layer is a separate residual block,
 out = σ(x.c_e) f_e(x) + (1 - σ(x.c_e)) x with f_e(x) = x + FFN_e(LN(x)), i.e.
-out = x + σ(x.c_e) FFN_e(LN_e(x)), each expert with its own LayerNorm LN_e and its output
-projection zero-initialised (the block starts as the identity), routing on the raw residual stream.
-As an FFN replacement inside a pre-LN block (which adds x and applies the LN) this layer returns
-the routed part σ(x.c_e) FFN_e(x); `expert_norm=True` adds LN_e, `zero_init_output=True` the zero
-init, and moe_models' `moe_placement="standalone"` places it as fairseq does.
+out = x + σ(x.c_e) FFN_e(LN_e(x)), each expert with its own LayerNorm LN_e and an FFN with biases,
+FFN_e(h) = act(h W1_e + b1_e) W2_e + b2_e, routing on the raw residual stream. fairseq
+zero-initialises only the output weight W2 (its `ff2.weight`); the output bias b2 keeps the
+default init of a Linear, U(-1/sqrt(G), 1/sqrt(G)), so the block does not start as the identity:
+at initialisation it adds σ(x.c_e) b2_e. As an FFN replacement inside a pre-LN block (which adds x
+and applies the LN) this layer returns the routed part σ(x.c_e) FFN_e(x); `expert_norm=True` adds
+LN_e, `expert_bias=True` the biases, `zero_init_output=True` the zero W2, and moe_models'
+`moe_placement="standalone"` (with `n_moe_layers` for fairseq's positions) places it as fairseq
+does.
 """
 
 from __future__ import annotations
@@ -212,16 +216,23 @@ class BaseLayer(RoutedMoE):
     dropout, activation, n_layers (init scale), impl: as for GShardMoE. Centroids are initialised
     orthogonal with gain 0.1 (fairseq's BASE layer).
     zero_init_output: False (default: w2 ~ N(0, c²/G) as for GShardMoE) or True (w2 = 0, as
-        fairseq's BASE sublayer zero-initialises fc2: the layer outputs 0 at initialisation, so a
-        residual BASE block starts as the identity).
+        fairseq's BASE sublayer zero-initialises its output weight). Only the weight: with
+        expert_bias the output bias keeps its init, so the layer's output at initialisation is
+        σ(x.c_e) b2_e, not 0, and a residual BASE block does not start as the identity (as in
+        fairseq); without biases it outputs 0.
     expert_norm: False (default) or True: each expert has its own LayerNorm (weight 1, bias 0 at
         init, eps 1e-5) applied to its input, y = σ(x.c_e) FFN_e(LN_e(x)), as fairseq's BASE
         sublayer; routing and the gate σ(x.c_e) still see x itself.
-    fairseq's experts also have biases, which these do not.
+    expert_bias: False (default) or True: the experts have biases, FFN_e(h) = act(h w1_e + b1_e)
+        w2_e + b2_e, as fairseq's, initialised as a Linear's: b1 ~ U(±1/sqrt(d_model)),
+        b2 ~ U(±1/sqrt(G)). (fairseq's weights are a Linear's too, U(±1/sqrt(fan_in)); these
+        keep the init above.) ExpertParallel does not shard experts with biases.
+    fairseq's BASE block: expert_norm=True, expert_bias=True, zero_init_output=True, placed with
+        moe_models' moe_placement="standalone" and n_moe_layers.
 
     Parameters: experts.w1 [E, d_model, G], experts.w2 [E, G, d_model], router.gate [E, d_model]
-    (the centroids); with expert_norm, expert_norm.weight and expert_norm.bias [E, d_model].
-    Ignores `token_ids`.
+    (the centroids); with expert_norm, expert_norm.weight and expert_norm.bias [E, d_model]; with
+    expert_bias, experts.b1 [E, G] and experts.b2 [E, d_model]. Ignores `token_ids`.
     """
 
     @dataclass(frozen=True, kw_only=True)
@@ -229,11 +240,16 @@ class BaseLayer(RoutedMoE):
         train_routing: str = "balanced"
         zero_init_output: bool = False
         expert_norm: bool = False
+        expert_bias: bool = False
 
         def __post_init__(self) -> None:
             super().__post_init__()
             check_choice(self, "train_routing", ROUTINGS)
-            check_bools(self, "zero_init_output", "expert_norm")
+            check_bools(self, "zero_init_output", "expert_norm", "expert_bias")
+
+        @property
+        def biased_experts(self) -> bool:
+            return self.expert_bias
 
         def parameter_count(self) -> ParameterCount:
             count = super().parameter_count()
@@ -257,7 +273,15 @@ class BaseLayer(RoutedMoE):
 
     def reset_parameters(self) -> None:
         init_ffn_experts(self.experts, self.config.n_layers)
+        if self.experts.bias:
+            # a Linear's default bias init (fairseq's), U(±1/sqrt(fan_in))
+            for bias, fan_in in (
+                (self.experts.b1, self.config.d_model),
+                (self.experts.b2, self.config.expert_size),
+            ):
+                nn.init.uniform_(bias, -(fan_in**-0.5), fan_in**-0.5)
         if _option(self.config, "zero_init_output"):
+            # the output weight only, as fairseq: the output bias keeps its init
             nn.init.zeros_(self.experts.w2)
         nn.init.orthogonal_(self.router.gate, gain=0.1)
 
