@@ -1,12 +1,15 @@
 """The authors' settings at the model level: the presets that use them (the σ-MoE PKM's dense path,
-the σ-MoE authors' Switch init) and fairseq's standalone BASE blocks (moe_placement)."""
+the σ-MoE authors' Switch init) and fairseq's standalone BASE blocks (moe_placement, n_moe_layers)."""
 
 import json
 
 import moe_models
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from moe_models import count_parameters, dense_twin, ffn_name
+from moe_models.config import fairseq_base_positions
 
 
 def test_pkm_preset_takes_the_authors_dense_path():
@@ -147,3 +150,77 @@ def test_default_placement_is_the_ffn():
     assert ffn_name(cfg.layer_ffn_config(1)) == "base"
     model = moe_models.build(cfg)
     assert all(layer.standalone is None for layer in model.layers)
+
+
+def test_fairseq_base_positions_are_fairseqs_sequential_inserts():
+    # L = 24, n = 3: inserts at 6, 12 and 18 of the growing list follow layers 5, 10 and 15
+    assert fairseq_base_positions(24, 3) == [5, 10, 15]
+    assert fairseq_base_positions(12, 1) == [5]
+    assert fairseq_base_positions(3, 2) == [0, 0]
+    assert fairseq_base_positions(2, 3) == [None, None, None]
+
+
+@given(n_layers=st.integers(1, 40), n=st.integers(1, 12))
+def test_fairseq_base_positions_match_a_list_of_named_layers(n_layers, n):
+    """The layer list as fairseq builds it (names, one insert per BASE layer), read back."""
+    layers = [f"layer{j}" for j in range(n_layers)]
+    for i in range(n):
+        layers.insert(((i + 1) * n_layers) // (n + 1), f"base{i}")
+    expected = []
+    for i in range(n):
+        before = layers[: layers.index(f"base{i}")]
+        decoder = [name for name in before if name.startswith("layer")]
+        expected.append(int(decoder[-1].removeprefix("layer")) if decoder else None)
+    assert fairseq_base_positions(n_layers, n) == expected
+
+
+@pytest.mark.parametrize("arch", ["transformer_xl", "decoder"])
+def test_n_moe_layers_places_the_blocks_as_fairseq(arch):
+    cfg = _standalone(arch, n_layers=8, n_moe_layers=3, moe_interval=2)
+    # inserts at 2, 4 and 6 of the growing list: each counts the BASE layers before it
+    assert [i for i in range(8) if cfg.is_moe_layer(i)] == [1, 2, 3]
+    model = moe_models.build(cfg)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "StandaloneBlock"]
+    assert blocks == ["layers.1.standalone", "layers.2.standalone", "layers.3.standalone"]
+    assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())
+    again = moe_models.config_from_dict(json.loads(json.dumps(moe_models.config_to_dict(cfg))))
+    assert again == cfg
+    one = _standalone(arch, n_layers=12, n_moe_layers=1)
+    assert [i for i in range(12) if one.is_moe_layer(i)] == [5]
+    # as the FFN of those layers too
+    ffn = _standalone(arch, n_layers=8, n_moe_layers=3, moe_placement="ffn")
+    names = [ffn_name(ffn.layer_ffn_config(i)) for i in range(8)]
+    assert names == ["dense", "base", "base", "base", "dense", "dense", "dense", "dense"]
+
+
+def test_dense_twin_with_n_moe_layers_keeps_the_dense_layers():
+    cfg = _standalone("decoder", n_layers=8, n_moe_layers=2, moe_placement="ffn")
+    twin = dense_twin(cfg)
+    slack = 2 * (cfg.d_model + 1)
+    assert abs(count_parameters(twin)["total"] - count_parameters(cfg)["total"]) <= slack
+    assert twin.layer_ffn_config(0).d_ff == cfg.d_ff
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_moe_layers=0), "n_moe_layers must be None or an int >= 1, got 0"),
+        (dict(n_moe_layers=True), "n_moe_layers must be None or an int >= 1, got True"),
+        (dict(n_moe_layers=4), r"n_moe_layers=4 is too many for n_layers=4"),
+    ],
+)
+def test_bad_n_moe_layers(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _standalone("decoder", **overrides)
+
+
+def test_fairseqs_base_block_does_not_start_as_the_identity():
+    """fairseq zero-initialises the output weight only: with expert biases the block adds
+    σ(x.c_e) b2_e at initialisation."""
+    torch.manual_seed(0)
+    ffn = _base_ffn(zero_init_output=True, expert_norm=True, expert_bias=True)
+    model = moe_models.build(_standalone("decoder", dropout=0.0, ffn=ffn)).eval()
+    plain = moe_models.build(_standalone("decoder", dropout=0.0, moe_placement="ffn", ffn="dense"))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    tokens = torch.randint(0, 37, (2, 10))
+    assert not torch.allclose(model(tokens).logits, plain.eval()(tokens).logits)

@@ -52,11 +52,21 @@ class ModelConfig:
     moe_interval: layer i uses `ffn` when (i + 1) % moe_interval == 0 and the dense FFN otherwise
         (fairseq's moe_freq); 1 puts `ffn` in every layer. In the sMLP model it places the sparse
         blocks instead; 0 there gives the dense gMLP baseline.
+    n_moe_layers: None (moe_interval places the MoE layers) or n >= 1: n MoE layers where fairseq
+        puts its n BASE layers (--base-layers; `moe_interval` is then unused). fairseq's decoder
+        inserts BASE layer i = 0, ..., n-1 at index ((i+1)·L)//(n+1) of its list of layers, which
+        by then holds the i earlier ones; here the MoE layers are the layers those insertions
+        follow (`fairseq_base_positions`): n = 1 is the layer L//2 - 1; as each index counts the
+        BASE layers inserted before it, later ones move forward: L = 24 and n = 3 give layers 5,
+        10, 15 (not 5, 11, 17), L = 8 and n = 3 layers 1, 2, 3. Each insertion must follow a
+        layer of its own: n too large for L (a BASE layer before the first layer, or two after
+        one layer) is an error.
     moe_placement: where `ffn` goes in the MoE layers: "ffn" (it is the layer's FFN) or
         "standalone" (fairseq's BASE layers: the layer keeps the dense FFN, and `ffn` follows it
         as a residual block of its own, x + ffn(x), on the un-normalised residual stream, without
         LayerNorm or dropout; transformer_xl and decoder). With a BASE layer, expert_norm=True and
-        zero_init_output=True make it fairseq's BASE block, which starts as the identity.
+        zero_init_output=True make it fairseq's BASE block (which, with expert_bias=True as
+        fairseq's, does not start as the identity: the output bias keeps its init).
     layer_ffn: {layer index: layer config} overriding the FFN of single layers.
     attention: the self-attention config of every layer (see the module docstring); None: the
         architecture's own ("relative" for transformer_xl, "causal" for decoder).
@@ -83,6 +93,7 @@ class ModelConfig:
     ffn: Any = "dense"
     moe_interval: int = 1
     moe_placement: str = "ffn"
+    n_moe_layers: int | None = None
     layer_ffn: dict[int, Any] = field(default_factory=dict)
     smlp_d_ff: int = 0
     smlp_n_chunks: int = 4
@@ -109,6 +120,8 @@ class ModelConfig:
         return self.seq_len if self.mem_len is None else self.mem_len
 
     def is_moe_layer(self, i: int) -> bool:
+        if self.n_moe_layers is not None:
+            return i in fairseq_base_positions(self.n_layers, self.n_moe_layers)
         return self.moe_interval >= 1 and (i + 1) % self.moe_interval == 0
 
     def layer_ffn_config(self, i: int):
@@ -127,6 +140,23 @@ class ModelConfig:
 
     def dense_ffn_config(self):
         return ffn_config("dense", self, where="the dense FFN (d_ff, activation)")
+
+
+def fairseq_base_positions(n_layers: int, n: int) -> list[int | None]:
+    """The layers (indices) after which fairseq's decoder puts its n BASE layers, in order; None
+    for one put before the first layer. fairseq inserts BASE layer i at list index
+    ((i + 1) * n_layers) // (n + 1), one after the other, so each insertion counts the BASE
+    layers inserted before it."""
+    stack: list[int | None] = list(range(n_layers))
+    for i in range(n):
+        stack.insert(((i + 1) * n_layers) // (n + 1), None)
+    after, last = [], None
+    for entry in stack:
+        if entry is None:
+            after.append(last)
+        else:
+            last = entry
+    return after
 
 
 def ffn_config(spec, model: ModelConfig, *, where: str, base=None):
@@ -317,6 +347,16 @@ def _check_model_fields(cfg: ModelConfig) -> None:
     _probability(dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
     if not (isinstance(cfg.moe_interval, int) and cfg.moe_interval >= 0):
         raise ValueError(f"moe_interval must be >= 0, got {cfg.moe_interval!r}")
+    if cfg.n_moe_layers is not None:
+        n = cfg.n_moe_layers
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"n_moe_layers must be None or an int >= 1, got {n!r}")
+        after = fairseq_base_positions(cfg.n_layers, n)
+        if None in after or len(set(after)) < n:
+            raise ValueError(
+                f"n_moe_layers={n} is too many for n_layers={cfg.n_layers}: fairseq's placement "
+                f"puts them after layers {after} (None: before the first), not one per layer"
+            )
     if cfg.mem_len is not None and not (isinstance(cfg.mem_len, int) and cfg.mem_len >= 0):
         raise ValueError(f"mem_len must be None or >= 0, got {cfg.mem_len!r}")
     if not isinstance(cfg.layer_ffn, dict):

@@ -207,7 +207,8 @@ def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
         return cfg
     cfg = dataclasses.replace(cfg, moe_placement="ffn")
     sizes = {t["d_ff"] for t in twins.values()}
-    if not cfg.layer_ffn and cfg.moe_interval == 1 and len(sizes) == 1:
+    every_layer = all(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    if not cfg.layer_ffn and every_layer and len(sizes) == 1:
         twin = next(iter(twins.values()))
         return dataclasses.replace(cfg, d_ff=twin["d_ff"], ffn=twin)
     return dataclasses.replace(cfg, layer_ffn={**cfg.layer_ffn, **twins})
