@@ -133,6 +133,15 @@ HISTORY_DAMAGE = [
 ]
 
 
+def moved_corpus(run, tmp):
+    """A copy of the run whose corpus (a text file) is gone."""
+    copy = copy_run(run, tmp)
+    for _, path in ckpt.step_files(copy / "checkpoints"):
+        payload = ckpt.load(path)
+        payload["run_config"]["data"] = f"text:{tmp}/gone.txt"
+        ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path)
+
+
 def special_files(run, tmp):
     os.mkfifo(tmp / "fifo.txt")
     (tmp / "zero.txt").symlink_to("/dev/zero")
@@ -292,6 +301,7 @@ CLI_CASES = [
     (["eval", "{run}", "--data", "bytes:{tmp}/bytes.txt"], ["bytes:{tmp}/bytes.txt"], byte_text),
     (["eval", "{tmp}/copy"], ["{tmp}/copy", "corrupt or truncated"], truncated_copy),
     (["eval", "{run}", "--text", "/dev/zero"], ["/dev/zero", "character device"]),
+    (["eval", "{tmp}/copy"], ["gone.txt", "does not exist", "--text FILE", "--data"], moved_corpus),
     (["eval", "{run}", "--text", "{tmp}/fifo.txt"], ["fifo.txt", "FIFO"], special_files),
     (["eval", "{run}", "--text", "{tmp}/dir.txt"], ["dir.txt", "folder"], special_files),
     (["eval", "{run}", "--text", "{tmp}/none.txt"], ["none.txt", "does not exist"]),
@@ -377,6 +387,83 @@ def test_a_torn_last_history_line_is_dropped_with_a_note(cli, shared_run, tmp_pa
     assert "metrics.jsonl ends in an incomplete line" in err
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert all(isinstance(r["step"], int) for r in records) and records[-1]["step"] == 6
+
+
+EVIL = """
+import os, sys, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+torch.save({"format": "moe-train checkpoint", "model": Evil()}, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "export", "prime", "resume"])
+def test_a_malicious_checkpoint_is_refused_without_advice_to_load_it(cli, tmp_path, command):
+    import subprocess
+    import sys
+
+    evil, marker = tmp_path / "run" / "checkpoints" / "step-00000001.pt", tmp_path / "pwned"
+    evil.parent.mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", EVIL, str(evil), str(marker)], check=True)
+    argv = {
+        "eval": ["eval", evil],
+        "generate": ["generate", evil, "--prompt", "a"],
+        "export": ["export", evil, tmp_path / "out"],
+        "prime": ["prime", evil, "--task", moe_data.example_task_path()],
+        "resume": ["train", "--out", tmp_path / "run", "--resume"],
+    }[command]
+    rc, _, err = cli(*argv)
+    assert rc == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert "refused" in line and "system" in line, line
+    assert "weights_only" not in err and "will likely succeed" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_failed_export_leaves_no_folder_behind(cli, shared_run, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "moe_models.hf", None)  # transformers not installed
+    rc, _, err = cli("export", shared_run, tmp_path / "hf", "--format", "hf")
+    assert rc == 2 and "--all-packages --extra hf" in err and "moe-train[hf]" in err, err
+    assert not (tmp_path / "hf").exists()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(moe_data, "save_tokenizer", full_disk)
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        rc, _, err = cli("export", shared_run, out)
+        assert rc == 2 and "No space left" in err, err
+        assert (out.exists() and not any(out.iterdir())) == (out.name == "empty")
+
+
+def test_the_files_of_an_export_and_a_run_share_one_mode(cli, shared_run, tmp_path):
+    rc, _, err = cli("export", shared_run, tmp_path / "out")
+    assert rc == 0, err
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    run_modes = {p.name: p.stat().st_mode & 0o777 for p in shared_run.rglob("*") if p.is_file()}
+    assert len(set(run_modes.values())) == 1, run_modes
+
+
+def test_eval_into_a_read_only_place_fails_before_evaluating(cli, shared_run, monkeypatch):
+    from moe_train import evaluate
+
+    ran = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: ran.append(1) or 1.0)
+    real_access = os.access
+
+    def read_only_run(path, mode):
+        inside = Path(path) == shared_run or shared_run in Path(path).parents
+        return False if inside and mode & os.W_OK else real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", read_only_run)
+    rc, _, err = cli("eval", shared_run, "--max-batches", "1")
+    assert rc == 2 and "not writable" in err and "--out FILE" in err, err
+    assert len(err.strip().splitlines()) == 1 and not ran
 
 
 def _wide(x):

@@ -13,6 +13,7 @@ removed by the next save.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -110,12 +111,26 @@ class _Writer:
         return getattr(self.f, name)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux allows (os.umask sets it, for
+    a moment, for every thread)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def atomic_save(payload: dict, path: Path) -> None:
     """torch.save `payload` to `path` so that readers only ever see a complete file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+        # mkstemp makes it 0600: give it the mode of every other file the run writes
+        os.fchmod(fd, 0o666 & ~_umask())
     except OSError as e:
         raise CLIError(f"cannot write checkpoint {path} ({e.strerror or e})") from None
     writer = None
@@ -152,6 +167,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise CLIError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message goes on to suggest weights_only=False: never for a file like this
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+        what = f"a reference to {found.group(1)}" if found else "objects"
+        raise CLIError(
+            f"checkpoint {path} is refused: it holds {what} beyond tensors and plain data, "
+            "which loading would run as code (moe-train writes no such checkpoint)"
+        ) from None
     except Exception as e:
         raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

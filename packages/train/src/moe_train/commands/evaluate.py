@@ -8,6 +8,7 @@ so a run can be evaluated after its corpus is gone.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from moe_train.commands.common import add_plugin_flag
@@ -67,7 +68,17 @@ def _splits(args, loaded) -> tuple[str, str, dict]:
         ids = np.asarray(encode(loaded.vocab, text), dtype=np.int64)
         return path.name, loaded.vocab.level, {"text": ids}
     spec = args.data if args.data is not None else loaded.data
-    corpus = load_corpus(spec)
+    try:
+        corpus = load_corpus(spec)
+    except CLIError as e:
+        if args.data is not None:
+            raise
+        # the run's own corpus moved or is gone: say what evaluates it instead
+        raise CLIError(
+            f"{e}; eval reads the valid and test splits of the data the run trained on "
+            f"({spec}): pass --data SPEC where that data is now, or --text FILE to evaluate a "
+            "text file with the run's tokenizer"
+        ) from None
     if loaded.vocab is not None and not same_vocabulary(corpus.vocab, loaded.vocab):
         raise CLIError(
             f"the data {corpus.name} ({spec}) is tokenised differently from the model's "
@@ -82,12 +93,30 @@ def _splits(args, loaded) -> tuple[str, str, dict]:
     return corpus.name, corpus.level, {"valid": corpus.valid, "test": corpus.test}
 
 
+def _writable(out: Path) -> Path:
+    """`out`, checked before anything is computed: a read-only run folder is one error at once,
+    not after the whole evaluation."""
+    folder = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    target = out if out.exists() else folder
+    if not folder.is_dir() or not os.access(target, os.W_OK):
+        raise CLIError(
+            f"cannot write the metrics to {out} ({target} is not writable); "
+            "pass --out FILE to write them elsewhere"
+        )
+    return out
+
+
+def _out_path(args) -> Path | None:
+    return _writable(Path(args.out)) if args.out else None
+
+
 def run(args) -> int:
     from moe_train import loading
     from moe_train.distributed import DistEnv
     from moe_train.evaluate import evaluate
     from moe_train.metrics import level_metrics
 
+    out = _out_path(args)
     loaded = loading.load(
         args.checkpoint,
         device=args.device,
@@ -95,6 +124,10 @@ def run(args) -> int:
         trust_plugins=args.trust_plugins,
         tokenizer=False,
     )
+    if out is None:
+        where = loaded.source.parent if loaded.payload is not None else loaded.folder
+        suffix = f"-{Path(args.text).stem}" if args.text is not None else ""
+        out = _writable(where / f"eval-{loaded.name}{suffix}.json")
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=loaded.device)
     seq_len = args.seq_len or loaded.config.seq_len
     name, level, splits = _splits(args, loaded)
@@ -115,12 +148,6 @@ def run(args) -> int:
         record.update(level_metrics(split, loss, level))
         unit = "bpc" if f"{split}_bpc" in record else "ppl"
         print(f"{split}: loss {loss:.4f}  {unit} {record[f'{split}_{unit}']:.4f}", flush=True)
-    if args.out:
-        out = Path(args.out)
-    else:
-        where = loaded.source.parent if loaded.payload is not None else loaded.folder
-        suffix = f"-{Path(args.text).stem}" if args.text is not None else ""
-        out = where / f"eval-{loaded.name}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"metrics written to {out}")
