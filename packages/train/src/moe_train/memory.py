@@ -1,68 +1,340 @@
-"""Memory preflight: before the model is built, refuse a run that cannot fit its device.
+"""Memory plan: what one rank holds while training, part by part, worked out from the configs
+before anything is built; the preflight refuses a run that cannot fit its device.
 
-The estimate, in bytes, for one rank holding P parameters:
+Layout (after torchtitan's "dp2ep"): world size = dp_replicate x dp_shard. FSDP2 shards every
+parameter on dim 0 over the dp_shard ranks, a rank holding ceil(rows / degree) rows (rank 0's
+share, the largest). The routed experts (`moe_layers.Experts`: w1, w2) are first cut into ep
+slices of whole experts (Shard(0) over an expert mesh of ep ranks borrowed from the dp_shard
+ranks), each slice sharded over the remaining dp_shard / ep ranks: their degree is
+ep x dp_shard / ep. dp_replicate copies everything, it shards nothing. Per rank, in bytes, with
+P_r the parameters the rank holds:
 
-    states      = 16 P    fp32 weights (also the master copy under bf16/fp16 autocast) 4 P,
-                          their gradients 4 P, AdamW's two moments 8 P
-    activations = N * (n_layers * (34 d + 5 h c) * b / 2 + 12 V)
+    parameters  = 4 P_r     the fp32 (master) weights
+    gradients   = 4 P_r     fp32 gradients, reduce-scattered to the shards
+    optimizer   = 8 P_r     AdamW's two moments
+    gathered    = p (R + n U) + (p + r) U_max     FSDP2's unsharded copies for compute
 
-with N = micro-batch * seq_len tokens per forward pass, d = d_model, h = attention heads (0 for
-the sMLP), c = the attention context (seq_len, plus the memory for Transformer-XL), b = bytes
-per activation (2 under bf16/fp16 autocast, 4 in fp32) and V = vocab_size (the fp32 logits,
-their softmax and its gradient). The per-layer term is the activation memory of a Transformer
-layer after Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
-models", 16-bit activations); for MoE layers it is rough. P comes from
-`moe_models.count_parameters` (exact, computed without allocating the model); with experts
-sharded over R ranks a rank holds the parameters a token uses plus 1/R of the others.
+gathered counts what FSDP2 all-gathers in param_dtype (p bytes): the root's parameters R
+(embedding, final norm, head: the root is not resharded between forward and backward) and, per
+block, U_l = its parameters with the experts at 1/ep (they are gathered over the dp_shard / ep
+ranks of their slice only). n U = max_l (U_l + U_l+1) with reshard_after_forward (the block
+computing and the next one, prefetched), sum_l U_l without it (every block stays gathered
+until its backward). In backward one block's unsharded gradients exist in param_dtype and, when
+reduce_dtype differs (r bytes, else r = 0), in reduce_dtype for the reduce-scatter. Nothing is
+gathered with dp_shard = 1 in float32.
+
+    activations = N b (body + head) + 12 V N
+
+N = micro-batch x seq_len tokens, b = 2 bytes under bf16/fp16 (train.precision or
+train.param_dtype), else 4, V = vocab_size (12 V: the fp32 logits, log-softmax and its
+gradient). Per token, in elements, a layer holds for backward A_l, of which S_l are outputs of
+matmuls and attention (d = d_model, i = heads x d_head, w = an FFN's active hidden width,
+estimated as its active parameters / 2d, summed over the layer's FFNs; r = 1 with dropout, 0
+without; F = smlp_d_ff):
+
+    decoder, Transformer-XL:  A = 4d + 5i + 2w + 2rd      S = d + 4i + w
+      (block input, two LayerNorm inputs and outputs, q, k, v, the attention output and its
+      copy into the out-projection, the FFN hidden before and after its activation, the
+      dropout masks; attention runs fused, without the L x L scores)
+    Transformer-XL adds, with memory M and context c = L + M:  (M / L)(2d + 2i) + 2hc to A and
+      (M / L)(d + 2i) + hc to S (the memory, its keys and values, the positional scores and
+      attention bias materialised per head)
+    sMLP gMLP block:          A = 2d + 3.5F + rd           S = d + 1.5F
+    sMLP sparse block:        A = 6d + 2w + 2rd            S = 2d + w
+
+With ep > 1 a routed FFN also holds the tokens it received, k d = w d / expert_size. The body
+by train.activation_checkpointing:
+
+    none:       sum_l A_l
+    full:       n_layers d (+ the XL memory) + max_l A_l          (block inputs; one block is
+                                                                   recomputed at a time)
+    selective:  sum_l S_l + max_l (A_l - S_l)                     (matmul and attention outputs
+                                                                   kept, the rest recomputed)
+
+and the head adds 3d (embedding dropout mask, final LayerNorm input, head input). The layer
+terms follow Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
+models") adapted to fused attention and routed FFNs; they leave out allocator fragmentation,
+optimiser temporaries, communication buffers and the framework itself.
 
 What is available: the free memory of the GPU (`torch.cuda.mem_get_info`) on CUDA, where the
-host must also hold the fp32 weights (the model is built there first); on the CPU, MemAvailable
-from /proc/meminfo (elsewhere free physical pages from os.sysconf). `train.skip_memory_check=true`
-turns the check off.
+host must also hold the rank's fp32 weights (the model is built there first); on the CPU,
+MemAvailable from /proc/meminfo (elsewhere free physical pages from os.sysconf).
+`train.skip_memory_check=true` turns the check off.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 import moe_models
 import torch
+from moe_layers import Experts
 
 from moe_train.errors import CLIError
 
 GIB = 2**30
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
-class Estimate:
-    parameters: int
-    states: int
-    activations: int
+class Layout:
+    """How the ranks split the model: dp_replicate x dp_shard = world_size, ep divides
+    dp_shard. `legacy_expert_shards` > 1: today's trainer (DDP with the experts sharded over the
+    world by moe_layers.ExpertParallel): dense parts whole, experts divided by it."""
+
+    world_size: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    param_dtype: str = "float32"
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+    activation_checkpointing: str = "none"
+    legacy_expert_shards: int = 1
+
+    @classmethod
+    def from_train(cls, train_cfg, world_size: int = 1, legacy_expert_shards: int = 1) -> Layout:
+        """The layout of train_cfg's `dp_replicate`, `dp_shard` (-1: what dp_replicate leaves),
+        `ep` and precision keys on world_size ranks; a CLIError names a value that cannot be."""
+        replicate = getattr(train_cfg, "dp_replicate", 1)
+        shard = getattr(train_cfg, "dp_shard", -1)
+        ep = getattr(train_cfg, "ep", 1)
+        for name, value in (("dp_replicate", replicate), ("ep", ep)):
+            if value < 1:
+                raise CLIError(f"train.{name} must be a positive integer, got {value}")
+        if shard == -1:
+            if world_size % replicate:
+                raise CLIError(
+                    f"train.dp_replicate={replicate} does not divide the world size {world_size}"
+                )
+            shard = world_size // replicate
+        elif shard < 1:
+            raise CLIError(f"train.dp_shard must be a positive integer or -1, got {shard}")
+        if replicate * shard != world_size:
+            raise CLIError(
+                f"train.dp_replicate={replicate} x train.dp_shard={shard} must equal the world "
+                f"size {world_size}"
+            )
+        if shard % ep:
+            raise CLIError(f"train.ep={ep} must divide train.dp_shard={shard}")
+        layout = cls(
+            world_size=world_size,
+            dp_replicate=replicate,
+            dp_shard=shard,
+            ep=ep,
+            param_dtype=getattr(train_cfg, "param_dtype", "float32"),
+            reduce_dtype=getattr(train_cfg, "reduce_dtype", "float32"),
+            reshard_after_forward=getattr(train_cfg, "reshard_after_forward", True),
+            activation_checkpointing=getattr(train_cfg, "activation_checkpointing", "none"),
+            legacy_expert_shards=legacy_expert_shards,
+        )
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(layout, name) not in DTYPES:
+                raise CLIError(
+                    f"train.{name} must be one of {', '.join(DTYPES)}, got {getattr(layout, name)!r}"
+                )
+        if layout.activation_checkpointing not in CHECKPOINTING:
+            raise CLIError(
+                f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                f"got {layout.activation_checkpointing!r}"
+            )
+        return layout
+
+    @property
+    def expert_degree(self) -> int:
+        return self.legacy_expert_shards if self.legacy_expert_shards > 1 else self.dp_shard
+
+    @property
+    def gathers(self) -> bool:
+        """Whether FSDP2 makes unsharded copies: it shards, or casts to a lower param_dtype."""
+        return self.legacy_expert_shards == 1 and (
+            self.dp_shard > 1 or self.param_dtype != "float32"
+        )
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A parameter's shape summary: numel and rows (its dim 0); experts: how many, or 0."""
+
+    numel: int
+    rows: int
+    experts: int = 0
+
+    def held(self, degree: int) -> int:
+        """Elements on the rank with the largest dim-0 shard."""
+        return -(-self.rows // degree) * (self.numel // self.rows)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The model's parameters: root (outside the blocks) and one list per block."""
+
+    root: tuple[Tensor, ...]
+    blocks: tuple[tuple[Tensor, ...], ...]
 
     @property
     def total(self) -> int:
-        return self.states + self.activations
+        return sum(t.numel for t in self.root) + sum(t.numel for b in self.blocks for t in b)
 
 
-def estimate(model_cfg, train_cfg, micro_batch: int, expert_shards: int = 1) -> Estimate:
-    counts = moe_models.count_parameters(model_cfg)
-    inactive = counts["total"] - counts["active"]
-    params = counts["active"] + -(-inactive // expert_shards)
-    heads = 0 if model_cfg.arch == "smlp" else model_cfg.n_heads
-    context = model_cfg.seq_len
-    if model_cfg.arch == "transformer_xl":
-        context += model_cfg.memory_length
-    b = 4 if train_cfg.precision == "fp32" else 2
-    per_token = (
-        model_cfg.n_layers * (34 * model_cfg.d_model + 5 * heads * context) * b // 2
-        + 12 * model_cfg.vocab_size
+def inventory(model_cfg) -> Inventory:
+    """Every parameter's shape, from the model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = moe_models.build(model_cfg)
+    experts = {
+        id(p): m.n_experts
+        for m in model.modules()
+        if isinstance(m, Experts)
+        for p in m.parameters(recurse=False)
+    }
+
+    def tensors(module, exclude=()) -> tuple[Tensor, ...]:
+        return tuple(
+            Tensor(p.numel(), p.shape[0] if p.dim() else 1, experts.get(id(p), 0))
+            for p in module.parameters()
+            if id(p) not in exclude
+        )
+
+    blocks = tuple(tensors(layer) for layer in model.layers)
+    in_blocks = {id(p) for p in model.layers.parameters()}
+    return Inventory(root=tensors(model, in_blocks), blocks=blocks)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Bytes one rank holds, by part; `held` the parameters in its shards."""
+
+    layout: Layout
+    micro_batch: int
+    parameters_total: int
+    held: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    gathered: int
+    activations: int
+
+    @property
+    def states(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.states + self.gathered + self.activations
+
+
+def plan(model_cfg, train_cfg, micro_batch: int, layout: Layout | None = None) -> Plan:
+    """The per-rank memory of training model_cfg at micro_batch sequences per rank."""
+    layout = layout or Layout.from_train(train_cfg, 1)
+    inv = inventory(model_cfg)
+    _check_experts(inv, layout.ep)
+
+    def held(t: Tensor) -> int:
+        if t.experts:
+            if layout.legacy_expert_shards > 1:
+                return t.held(layout.legacy_expert_shards)
+            sliced = Tensor(t.numel // layout.ep, t.rows // layout.ep, t.experts)
+            return sliced.held(layout.dp_shard // layout.ep)
+        return t.held(layout.dp_shard)
+
+    held_params = sum(held(t) for t in inv.root) + sum(held(t) for b in inv.blocks for t in b)
+    return Plan(
+        layout=layout,
+        micro_batch=micro_batch,
+        parameters_total=inv.total,
+        held=held_params,
+        parameters=4 * held_params,
+        gradients=4 * held_params,
+        optimizer=8 * held_params,
+        gathered=_gathered(inv, layout),
+        activations=activations(model_cfg, train_cfg, micro_batch, layout),
     )
-    return Estimate(
-        parameters=params,
-        states=16 * params,
-        activations=micro_batch * model_cfg.seq_len * per_token,
-    )
+
+
+def _check_experts(inv: Inventory, ep: int) -> None:
+    for i, block in enumerate(inv.blocks):
+        for t in block:
+            if t.experts % ep:
+                raise CLIError(
+                    f"train.ep={ep} must divide the number of experts ({t.experts} in layer {i})"
+                )
+
+
+def _gathered(inv: Inventory, layout: Layout) -> int:
+    if not layout.gathers:
+        return 0
+    p = DTYPES[layout.param_dtype]
+    r = DTYPES[layout.reduce_dtype] if layout.reduce_dtype != layout.param_dtype else 0
+    root = sum(t.numel for t in inv.root)
+    unsharded = [sum(t.numel // layout.ep if t.experts else t.numel for t in b) for b in inv.blocks]
+    largest = max(unsharded, default=0)
+    if layout.reshard_after_forward:
+        pairs = [a + b for a, b in zip(unsharded, unsharded[1:], strict=False)]
+        blocks = max(pairs, default=largest)
+    else:
+        blocks = sum(unsharded)
+    return p * (root + blocks) + (p + r) * largest
+
+
+def activation_bytes(train_cfg, layout: Layout) -> int:
+    low = train_cfg.precision in ("bf16", "fp16") or layout.param_dtype != "float32"
+    return 2 if low else 4
+
+
+def _width(ffn_cfg, d: int) -> float:
+    return ffn_cfg.parameter_count().active / (2 * d)
+
+
+def _routed(ffn_cfg) -> bool:
+    return getattr(ffn_cfg, "n_experts", 0) > 0 and getattr(ffn_cfg, "expert_size", 0) > 0
+
+
+def _layer_terms(model_cfg, i: int, ep: int) -> tuple[float, float, float, float]:
+    """(A, S, K, G) of layer i per token, in elements: what it holds for backward, the part of
+    it that are matmul and attention outputs, what full checkpointing keeps of it, and the
+    workspace of its backward."""
+    c = model_cfg
+    d, r = c.d_model, 1 if c.dropout > 0 else 0
+    ffns = [f for f in (c.layer_ffn_config(i), c.standalone_config(i)) if f is not None]
+    if c.arch == "smlp" and not c.is_moe_layer(i):
+        F = c.smlp_d_ff
+        return 2 * d + 3.5 * F + r * d, d + 1.5 * F, d, 2 * F
+    w = sum(_width(f, d) for f in ffns)
+    routed = [f for f in ffns if _routed(f)]
+    # the fused expert kernels recompute the hidden layer in backward: 2 w more there
+    G = 2 * w + 2 * sum(_width(f, d) for f in routed)
+    # under EP the all-to-all's output, k tokens of d, is the experts' saved input
+    x = sum(_width(f, d) * d / f.expert_size for f in routed) if ep > 1 else 0
+    if c.arch == "smlp":
+        return 6 * d + 2 * w + 2 * r * d + x, 2 * d + w + x, d, G
+    i_ = c.n_heads * c.head_dim
+    A, S, K = 4 * d + 5 * i_ + 2 * w + 2 * r * d + x, d + 4 * i_ + w + x, d
+    if c.arch == "transformer_xl":
+        M, L = c.memory_length, c.seq_len
+        A += M / L * (2 * d + 2 * i_) + 2 * c.n_heads * (L + M)
+        S += M / L * (d + 2 * i_) + c.n_heads * (L + M)
+        K += M / L * d
+    return A, S, K, G
+
+
+def activations(model_cfg, train_cfg, micro_batch: int, layout: Layout) -> int:
+    """Bytes of activations one rank holds for backward at its peak (see the module doc)."""
+    c = model_cfg
+    terms = [_layer_terms(c, i, layout.ep) for i in range(c.n_layers)]
+    mode = layout.activation_checkpointing
+    if mode == "none":
+        body = sum(A for A, _, _, _ in terms) + max(G for _, _, _, G in terms)
+    elif mode == "full":
+        body = sum(K for _, _, K, _ in terms) + max(A + G for A, _, _, G in terms)
+    else:
+        body = sum(S for _, S, _, _ in terms) + max(A - S + G for A, S, _, G in terms)
+    b = activation_bytes(train_cfg, layout)
+    tokens = micro_batch * c.seq_len
+    return math.ceil(tokens * (b * (body + 3 * c.d_model) + 12 * c.vocab_size))
 
 
 def host_available() -> int | None:
@@ -86,7 +358,7 @@ def device_available(device: torch.device) -> int | None:
     return host_available()
 
 
-def _gib(n: int) -> str:
+def gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
@@ -98,25 +370,38 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def preflight(model_cfg, train_cfg, micro_batch: int, device: torch.device, expert_shards=1):
-    """Raise a one-line CLIError when the estimate exceeds what `device` (and, for CUDA, the
-    host) has available."""
+def describe(p: Plan) -> str:
+    """`about T (P parameters: ...)`, the parts that make up the total."""
+    gathered = f"; FSDP's gathered copies {gib(p.gathered)}" if p.gathered else ""
+    return (
+        f"about {gib(p.total)} ({_count(p.parameters_total)} parameters: weights, gradients "
+        f"and AdamW moments {gib(p.states)}{gathered}; activations {gib(p.activations)})"
+    )
+
+
+def preflight(
+    model_cfg, train_cfg, micro_batch: int, device: torch.device, expert_shards=1, world_size=1
+):
+    """Raise a one-line CLIError when the plan exceeds what `device` (and, for CUDA, the host)
+    has available. expert_shards > 1: today's DDP + ExpertParallel layout (see Layout)."""
     if train_cfg.skip_memory_check:
         return
-    est = estimate(model_cfg, train_cfg, micro_batch, expert_shards)
+    layout = Layout.from_train(train_cfg, world_size, legacy_expert_shards=expert_shards)
+    if expert_shards > 1:
+        layout = dataclasses.replace(layout, dp_replicate=world_size, dp_shard=1, ep=1)
+    p = plan(model_cfg, train_cfg, micro_batch, layout)
     hint = "use a smaller model or batch, or train.skip_memory_check=true to try anyway"
-    needs = (
-        f"about {_gib(est.total)} ({_count(est.parameters)} parameters: weights, gradients "
-        f"and AdamW moments {_gib(est.states)}; activations {_gib(est.activations)})"
-    )
+    rank = " per rank" if world_size > 1 else ""
     free = device_available(device)
-    if free is not None and est.total > free:
-        raise CLIError(f"the run needs {needs} on {device} but {_gib(free)} is available; {hint}")
+    if free is not None and p.total > free:
+        raise CLIError(
+            f"the run needs {describe(p)}{rank} on {device} but {gib(free)} is available; {hint}"
+        )
     if device.type == "cuda":
         host = host_available()
-        weights = 4 * est.parameters
+        weights = p.parameters
         if host is not None and weights > host:
             raise CLIError(
-                f"the model's fp32 weights need {_gib(weights)} of host memory to be built, "
-                f"{_gib(host)} is available; {hint}"
+                f"the model's fp32 weights need {gib(weights)} of host memory to be built, "
+                f"{gib(host)} is available; {hint}"
             )
