@@ -602,3 +602,46 @@ def test_library_bad_input_is_a_one_line_value_error(name, call, needles):
 
 def test_the_table_holds_at_least_sixty_bad_inputs():
     assert len(CLI_CASES) + len(LIBRARY_CASES) >= 60
+
+
+def test_info_list_into_a_closed_pipe_is_quiet():
+    """`moe-train info --list | head -1`: the reader leaves early; that is no error."""
+    import subprocess
+    import sys
+
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "moe_train.cli", "info", "--list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert listing.stdout.readline().startswith(b"preset")
+    listing.stdout.close()
+    _, err = listing.communicate(timeout=120)
+    assert listing.returncode == 0, err
+    assert err == b"", err
+
+
+@pytest.mark.parametrize(
+    "command, flag, words",
+    [
+        ("generate", "--max-new-tokens", ["tokens to generate"]),
+        ("generate", "--temperature", ["logits", "--greedy"]),
+        ("generate", "--device", ["cpu", "cuda", "auto"]),
+        ("export", "--format", ["plain", "hf", "load_pretrained", "AutoModelForCausalLM"]),
+        ("info", "[PRESET] KEY=VALUE", ["d_model=256", "train.lr"]),
+        ("eval", "--text", ["regular file", "256 MiB"]),
+    ],
+)
+def test_every_option_in_help_says_what_it_does(capsys, command, flag, words):
+    from moe_train.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    usage_end = text.index("arguments:") if "arguments:" in text else text.index("options:")
+    at = text.index(flag, usage_end)
+    described = text[at : at + 400]
+    for word in words:
+        assert word in described, (flag, word, described)

@@ -45,13 +45,27 @@ def add_arguments(p) -> None:
         help="a run directory, a checkpoint file or an export folder (--bench: or --preset)",
     )
     p.add_argument("--prompt", help="the text to continue (required unless --bench)")
-    p.add_argument("--max-new-tokens", type=non_negative_int, help="default 100 (with --bench 32)")
-    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument(
+        "--max-new-tokens",
+        type=non_negative_int,
+        help="how many tokens to generate after the prompt (default 100; with --bench 32)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=1.0,
+        help="divides the logits before sampling: below 1 sharper, above 1 more random "
+        "(default 1.0; ignored with --greedy)",
+    )
     p.add_argument("--top-k", type=positive_int, help="sample from the k likeliest tokens")
     p.add_argument("--top-p", type=top_p_type, help="sample from the smallest set of mass >= p")
     p.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default: CUDA when available, else the CPU)",
+    )
     add_plugin_flag(p, trust=True)
     bench = p.add_argument_group(
         "--bench",

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from moe_train.commands.common import add_plugin_flag
 from moe_train.config import DEFAULT_PRESET, positive_float, positive_int, resolve
@@ -37,7 +39,9 @@ def add_arguments(p) -> None:
         "overrides",
         nargs="*",
         metavar="[PRESET] KEY=VALUE",
-        help="model and train.* overrides; the first may name the preset",
+        help="the first may name the preset; then overrides as in train: a model field "
+        "(d_model=256, ffn=dense), an FFN option (ffn.n_experts=32 or n_experts=32) or a "
+        "training field (train.lr=3e-4)",
     )
 
 
@@ -58,9 +62,15 @@ def run(args) -> int:
             counts = moe_models.count_parameters(p.config)
             rows.append((name, _count(counts["total"]), _count(counts["active"]), p.description))
         width = max(len(r[0]) for r in rows)
-        print(f"{'preset':<{width}}  {'params':>7}  {'active':>7}  description")
-        for name, total, active, description in rows:
-            print(f"{name:<{width}}  {total:>7}  {active:>7}  {description}")
+        try:
+            print(f"{'preset':<{width}}  {'params':>7}  {'active':>7}  description")
+            for name, total, active, description in rows:
+                print(f"{name:<{width}}  {total:>7}  {active:>7}  {description}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # the reader stopped early (`| head`): it has what it wanted, which is no error;
+            # stdout goes to /dev/null so that the exit's flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     preset, overrides = _preset_and_overrides(args)
     if not args.plan and (args.nproc is not None or args.gpu_mem is not None):
