@@ -707,6 +707,35 @@ class ExpertsConfig(ExpertSizes):
         return False
 
 
+@dataclass(frozen=True, kw_only=True)
+class CapacityOptions(ExpertsConfig):
+    """The Config of a layer with a capacity-limited, loss-balanced router (SwitchMoE, GShardMoE):
+    the experts and the router options they share, each layer saying how it applies them.
+
+    capacity_factor: in training, None (no capacity limit) or a positive float f scaling the
+        layer's per-expert capacity. eval_capacity_factor: in eval mode, None (default: no
+        limit) or a positive float f (ceil(f * T) per expert). load_balance_weight: the weight
+        of the layer's balancing loss (>= 0).
+    """
+
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    load_balance_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
+        check_non_negative(self, "load_balance_weight")
+
+    def capacity_options(self) -> dict:
+        """The router's arguments of the same names."""
+        return dict(
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            load_balance_weight=self.load_balance_weight,
+        )
+
+
 class RoutedMoE(MoEModule):
     """Base of the layers that route each token to K of E expert MLPs.
 

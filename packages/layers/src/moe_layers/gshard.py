@@ -15,15 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from moe_layers.base import (
+    CapacityOptions,
     Experts,
-    ExpertsConfig,
     LinearRouter,
     RoutedMoE,
     Routing,
     check_bools,
     check_choice,
     check_non_negative,
-    check_positive_or_none,
     count_ids,
 )
 
@@ -208,21 +207,18 @@ class GShardMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(ExpertsConfig):
-        second_policy: str = "sampling"
+    class Config(CapacityOptions):
         capacity_factor: float | None = 1.0
-        eval_capacity_factor: float | None = None
+        second_policy: str = "sampling"
         normalize_after_drop: bool = True
-        load_balance_weight: float = 0.01
         gate_noise: float = 0.0
         stochastic_eval: bool = False
 
         def __post_init__(self) -> None:
             super().__post_init__()
             check_choice(self, "second_policy", SECOND_POLICIES)
-            check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
             check_bools(self, "normalize_after_drop", "stochastic_eval")
-            check_non_negative(self, "load_balance_weight", "gate_noise")
+            check_non_negative(self, "gate_noise")
 
         @property
         def slots(self) -> int:
@@ -234,12 +230,10 @@ class GShardMoE(RoutedMoE):
             c.d_model,
             c.n_experts,
             second_policy=c.second_policy,
-            capacity_factor=c.capacity_factor,
-            eval_capacity_factor=c.eval_capacity_factor,
             normalize_after_drop=c.normalize_after_drop,
-            load_balance_weight=c.load_balance_weight,
             gate_noise=c.gate_noise,
             stochastic_eval=c.stochastic_eval,
+            **c.capacity_options(),
         )
 
     def reset_parameters(self) -> None:

@@ -14,15 +14,13 @@ import torch
 from torch import Tensor
 
 from moe_layers.base import (
-    ExpertsConfig,
+    CapacityOptions,
     LinearRouter,
     RoutedMoE,
     Routing,
     check_bools,
     check_choice,
-    check_non_negative,
     check_option,
-    check_positive_or_none,
     count_ids,
     is_finite,
 )
@@ -150,11 +148,8 @@ class SwitchMoE(RoutedMoE):
     """
 
     @dataclass(frozen=True, kw_only=True)
-    class Config(ExpertsConfig):
-        capacity_factor: float | None = None
-        eval_capacity_factor: float | None = None
+    class Config(CapacityOptions):
         capacity_rounding: str = "switch"
-        load_balance_weight: float = 0.01
         balance_variant: str = "switch"
         init: str = "dense"
         init_scale: float = 1.0
@@ -162,9 +157,7 @@ class SwitchMoE(RoutedMoE):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_positive_or_none(self, "capacity_factor", "eval_capacity_factor")
             check_choice(self, "capacity_rounding", CAPACITY_ROUNDINGS)
-            check_non_negative(self, "load_balance_weight")
             check_choice(self, "balance_variant", BALANCE_VARIANTS)
             check_choice(self, "init", INITS)
             check_option(
@@ -177,11 +170,9 @@ class SwitchMoE(RoutedMoE):
         return SwitchRouter(
             c.d_model,
             c.n_experts,
-            capacity_factor=c.capacity_factor,
-            eval_capacity_factor=c.eval_capacity_factor,
-            load_balance_weight=c.load_balance_weight,
             balance_variant=c.balance_variant,
             capacity_rounding=c.capacity_rounding,
+            **c.capacity_options(),
         )
 
     def reset_parameters(self) -> None:
