@@ -43,7 +43,7 @@ def test_one_process_holds_every_parameter_four_times_over():
 def test_sharded_parameters_and_gathered_copies_by_hand():
     """dp_shard=4 x ep=2: dense tensors by 4 rows (rounded up), experts cut into 2 slices of 2
     whole experts and each slice by 2; bf16 copies gathered, fp32 reduction."""
-    layout = Layout(world_size=4, dp_shard=4, ep=2, param_dtype="bfloat16", reduce_dtype="float32")
+    layout = Layout(world_size=4, dp_shard=4, ep=2, param_dtype="bf16", reduce_dtype="fp32")
     p = memory.plan(small(), TrainConfig(), 2, layout)
     # root: embedding 256/4 rows x 32, final norm 2 x 32/4
     root = 64 * 32 + 2 * 8
@@ -60,11 +60,11 @@ def test_sharded_parameters_and_gathered_copies_by_hand():
 
 
 def test_activations_by_hand():
-    """Per token, in elements (d = i = 32, no dropout): layer 0 (dense FFN, w = 4192 / 64)
-    A = 4d + 5i + 2w = 419, S = d + 4i + w = 225.5, backward workspace 2w = 131; layer 1
-    (GShard, w = 2176 / 64 = 34, routed, ep=2 adds the 2 received tokens: k d = 34 * 32 / 16 = 68)
-    A = 4d + 5i + 2w + 68 = 424, S = 194 + 68 = 262, workspace 4w = 136. Head 3d = 96. bf16:
-    2 bytes each, plus 12 V = 3072 bytes of fp32 logits; 2 x 16 tokens."""
+    """Per token, in elements (d = i = 32, no dropout). Layer 0, dense FFN, w = 4192 / 64:
+    A = 4d + 5i + 2w = 419, S = 2d + 3i + w + d = 257.5, backward workspace 2w = 131. Layer 1,
+    GShard, w = 2176 / 64 = 34: A = 4d + 5i + 2w = 356, plus under ep=2 the received tokens
+    k d = 34 * 32 / 16 = 68; S = 2d + 3i + E = 164; workspace 4w = 136. K = d per layer, head 3d
+    = 96; bf16: 2 bytes each, plus 12 V = 3072 bytes of fp32 logits; 2 x 16 tokens."""
     cfg, train = small(), TrainConfig(precision="bf16")
     layout = Layout(world_size=2, dp_shard=2, ep=2)
 
@@ -75,10 +75,16 @@ def test_activations_by_hand():
 
     assert act("none") == 32 * (2 * (419 + 424 + 136 + 96) + 3072)
     assert act("full") == 32 * (2 * (32 + 32 + 424 + 136 + 96) + 3072)
-    assert act("selective") == 32 * (2 * (225.5 + 262 + (419 - 225.5 + 131) + 96) + 3072)
+    selective = 257.5 + 164 + max(419 - 257.5 + 131, 424 - 164 + 136)
+    assert act("selective") == 32 * (2 * (selective + 96) + 3072)
     assert act("none") > act("selective") > act("full")
     fp32 = memory.activations(cfg, TrainConfig(), 2, Layout(world_size=1))
     assert fp32 == 32 * (4 * (419 + 356 + 136 + 96) + 3072)  # no EP: no received tokens
+    # FSDP2's bf16 param_dtype: 16-bit activations; one process runs without FSDP2
+    sharded = Layout(world_size=2, dp_shard=2, param_dtype="bf16")
+    assert memory.activations(cfg, TrainConfig(), 2, sharded) == 32 * (2 * 1007 + 3072)
+    single = Layout(world_size=1, param_dtype="bf16")
+    assert memory.activations(cfg, TrainConfig(), 2, single) == fp32
 
 
 def test_sharding_divides_the_states_and_reshard_bounds_the_gathered_copies():
@@ -121,8 +127,8 @@ class Train:
         (dict(dp_shard=0), 1, ["train.dp_shard", "-1"]),
         (dict(ep=0), 1, ["train.ep", "positive"]),
         (dict(ep=3), 4, ["train.ep=3", "train.dp_shard=4"]),
-        (dict(param_dtype="fp8"), 1, ["train.param_dtype", "bfloat16"]),
-        (dict(reduce_dtype="half"), 1, ["train.reduce_dtype", "float32"]),
+        (dict(param_dtype="fp8"), 1, ["train.param_dtype", "bf16"]),
+        (dict(reduce_dtype="half"), 1, ["train.reduce_dtype", "fp32"]),
         (dict(activation_checkpointing="some"), 1, ["train.activation_checkpointing", "full"]),
     ],
 )
@@ -171,10 +177,11 @@ def test_info_plan_prints_each_part_and_whether_it_fits(cli):
     lines = out.splitlines()
     assert "tiny-gshard on 1 rank: dp_replicate=1 dp_shard=1 ep=1" in lines[0]
     assert "micro-batch 4 x seq_len 64" in lines[1]
-    rows = {line[:30].strip(): float(line[30:]) for line in lines[3:-1]}
+    rows = {name: float(gib) for name, gib in (line.rsplit(None, 1) for line in lines[3:-1])}
     assert rows["weights (fp32 shards)"] == round(p.parameters / 2**30, 2)
     assert rows["activations (32-bit)"] == round(p.activations / 2**30, 2)
     assert rows["total"] == round(p.total / 2**30, 2)
+    assert rows["whole fp32 model, before sharding"] == round(4 * p.parameters_total / 2**30, 2)
     assert lines[-1].startswith("fits in 1 GiB")
     rc, out, _ = cli("info", "--preset", "tiny-gshard", "--plan", "--gpu-mem", "0.001")
     assert rc == 0 and out.splitlines()[-1].startswith("does not fit in 0.001 GiB")
@@ -185,8 +192,8 @@ def test_info_plan_of_a_sharded_layout_sums_to_its_total(cli):
     assert rc == 0, err
     lines = out.splitlines()
     assert "dp_shard=8" in lines[0] and "micro-batch 1" in lines[1]
-    parts = [float(line[30:]) for line in lines[3:-2]]
-    assert abs(sum(parts) - float(lines[-2][30:])) < 0.05
+    gib = [float(line.rsplit(None, 1)[1]) for line in lines[3:-1]]
+    assert abs(sum(gib[:-2]) - gib[-2]) < 0.05  # the parts add up to the total
     assert "in 80 GiB" in lines[-1]
 
 

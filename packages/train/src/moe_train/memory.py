@@ -1,65 +1,72 @@
 """Memory plan: what one rank holds while training, part by part, worked out from the configs
 before anything is built; the preflight refuses a run that cannot fit its device.
 
-Layout (after torchtitan's "dp2ep"): world size = dp_replicate x dp_shard. FSDP2 shards every
-parameter on dim 0 over the dp_shard ranks, a rank holding ceil(rows / degree) rows (rank 0's
-share, the largest). The routed experts (`moe_layers.Experts`: w1, w2) are first cut into ep
-slices of whole experts (Shard(0) over an expert mesh of ep ranks borrowed from the dp_shard
-ranks), each slice sharded over the remaining dp_shard / ep ranks: their degree is
-ep x dp_shard / ep. dp_replicate copies everything, it shards nothing. Per rank, in bytes, with
-P_r the parameters the rank holds:
+Layout (moe_train.parallelize, after torchtitan's "dp2ep"): world size = dp_replicate x
+dp_shard. FSDP2 shards every parameter on dim 0 over the dp_shard ranks, a rank holding
+ceil(rows / degree) rows (rank 0's share, the largest). The routed experts (`moe_layers.Experts`)
+are first cut into ep slices of whole experts (Shard(0) over an expert mesh of ep ranks
+borrowed from the dp_shard ranks), each slice sharded over the other dp_shard / ep ranks: their
+degree is ep x dp_shard / ep. dp_replicate copies everything; it shards nothing. One process
+runs the plain model (no FSDP2). Per rank, in bytes, with P_r the parameters the rank holds:
 
     parameters  = 4 P_r     the fp32 (master) weights
     gradients   = 4 P_r     fp32 gradients, reduce-scattered to the shards
     optimizer   = 8 P_r     AdamW's two moments
     gathered    = p (R + n U) + (p + r) U_max     FSDP2's unsharded copies for compute
 
-gathered counts what FSDP2 all-gathers in param_dtype (p bytes): the root's parameters R
-(embedding, final norm, head: the root is not resharded between forward and backward) and, per
-block, U_l = its parameters with the experts at 1/ep (they are gathered over the dp_shard / ep
-ranks of their slice only). n U = max_l (U_l + U_l+1) with reshard_after_forward (the block
-computing and the next one, prefetched), sum_l U_l without it (every block stays gathered
-until its backward). In backward one block's unsharded gradients exist in param_dtype and, when
-reduce_dtype differs (r bytes, else r = 0), in reduce_dtype for the reduce-scatter. Nothing is
-gathered with dp_shard = 1 in float32.
+gathered (more than one process) counts what FSDP2 all-gathers in param_dtype (p bytes): the
+root's parameters R (embedding, final norm, head: the root is not resharded between forward and
+backward) and, per block, U_l = its parameters with the experts at 1/ep (they are gathered over
+the dp_shard / ep ranks of their slice only). n U = max_l (U_l + U_l+1) with
+reshard_after_forward (the block computing and the next one, prefetched), sum_l U_l without it
+(every block stays gathered until its backward). In backward one block's unsharded gradients
+exist in param_dtype and, when reduce_dtype differs (r bytes, else r = 0), in reduce_dtype.
 
-    activations = N b (body + head) + 12 V N
+    activations = N (b (body + 3d) + 12 V)
 
-N = micro-batch x seq_len tokens, b = 2 bytes under bf16/fp16 (train.precision or
-train.param_dtype), else 4, V = vocab_size (12 V: the fp32 logits, log-softmax and its
-gradient). Per token, in elements, a layer holds for backward A_l, of which S_l are outputs of
-matmuls and attention (d = d_model, i = heads x d_head, w = an FFN's active hidden width,
-estimated as its active parameters / 2d, summed over the layer's FFNs; r = 1 with dropout, 0
-without; F = smlp_d_ff):
+N = micro-batch x seq_len tokens per rank, b = 2 bytes under bf16/fp16 (train.precision, or
+train.param_dtype under FSDP2), else 4; 3d: the embedding dropout mask, the final LayerNorm's
+input and the head's input; 12 V (V = vocab_size): the fp32 logits, log-softmax and its
+gradient. Per token, in elements, layer l holds A_l for backward, keeps S_l under selective
+checkpointing (the outputs of aten mm / bmm / addmm, moe_train.parallelize.SAVED_OPS), K_l
+under full checkpointing (its inputs), and its backward needs a workspace G_l. With d = d_model,
+i = heads x d_head, r = 1 with dropout (0 without), F = smlp_d_ff, and per FFN (the layer's FFN
+and standalone block) w = its active hidden width, estimated as active parameters / 2d:
 
-    decoder, Transformer-XL:  A = 4d + 5i + 2w + 2rd      S = d + 4i + w
-      (block input, two LayerNorm inputs and outputs, q, k, v, the attention output and its
-      copy into the out-projection, the FFN hidden before and after its activation, the
-      dropout masks; attention runs fused, without the L x L scores)
-    Transformer-XL adds, with memory M and context c = L + M:  (M / L)(2d + 2i) + 2hc to A and
-      (M / L)(d + 2i) + hc to S (the memory, its keys and values, the positional scores and
-      attention bias materialised per head)
-    sMLP gMLP block:          A = 2d + 3.5F + rd           S = d + 1.5F
-    sMLP sparse block:        A = 6d + 2w + 2rd            S = 2d + w
+    decoder, Transformer-XL   A = 4d + 5i + 2rd + sum 2w
+                              S = 2d + 3i + sum (w + d | E)      K = d      G = sum (2w | 4w)
+        (A: the block input, the two LayerNorms' inputs and outputs, q, k, v, the attention
+        output and its copy into the out-projection, the dropout masks, each FFN's hidden layer
+        before and after its activation; attention runs fused, without L x L scores. S: the
+        block input, the q, k, v and out-projection matmuls, a dense FFN's two matmuls (w + d);
+        a routed FFN keeps only its router's E logits, its expert kernels are recomputed, and
+        they recompute their hidden layer in backward: G = 4w where a dense FFN needs 2w)
+    Transformer-XL, memory M, context c = L + M, adds
+                              A: (M / L)(2d + 2i) + 2hc   S: (M / L) 2i + hc   K: (M / L) d
+        (the memory, its LayerNorm, keys and values; the positional scores and the attention
+        bias, materialised per head)
+    sMLP gMLP block           A = 2d + 3.5F + rd    S = 2d + 1.5F    K = d    G = 2F
+    sMLP sparse block         A = 6d + 2rd + 2w     S = 3d + E       K = d    G = 4w
 
-With ep > 1 a routed FFN also holds the tokens it received, k d = w d / expert_size. The body
-by train.activation_checkpointing:
+Under EP (ep > 1) a routed FFN also holds the tokens it received, k d = w d / expert_size, in A.
+The body by train.activation_checkpointing:
 
-    none:       sum_l A_l
-    full:       n_layers d (+ the XL memory) + max_l A_l          (block inputs; one block is
-                                                                   recomputed at a time)
-    selective:  sum_l S_l + max_l (A_l - S_l)                     (matmul and attention outputs
-                                                                   kept, the rest recomputed)
+    none:       sum_l A_l + max_l G_l
+    full:       sum_l K_l + max_l (A_l + G_l)          (one block recomputed at a time)
+    selective:  sum_l S_l + max_l (A_l - S_l + G_l)
 
-and the head adds 3d (embedding dropout mask, final LayerNorm input, head input). The layer
-terms follow Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
-models") adapted to fused attention and routed FFNs; they leave out allocator fragmentation,
-optimiser temporaries, communication buffers and the framework itself.
+The layer terms follow Korthikanti et al. 2022 ("Reducing activation recomputation in large
+transformer models") adapted to fused attention and routed FFNs. Left out: allocator
+fragmentation, optimiser temporaries, communication buffers, the CUDA context and the
+framework.
+
+build: the trainer builds the whole fp32 model on every rank (host, then device) before
+FSDP2 shards it, 4 P bytes at that moment; the plan's peak is the larger of that and the total.
 
 What is available: the free memory of the GPU (`torch.cuda.mem_get_info`) on CUDA, where the
-host must also hold the rank's fp32 weights (the model is built there first); on the CPU,
-MemAvailable from /proc/meminfo (elsewhere free physical pages from os.sysconf).
-`train.skip_memory_check=true` turns the check off.
+host must also hold the fp32 weights being built; on the CPU, MemAvailable from /proc/meminfo
+(elsewhere free physical pages from os.sysconf). `train.skip_memory_check=true` turns the check
+off.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ from moe_layers import Experts
 from moe_train.errors import CLIError
 
 GIB = 2**30
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = {"fp32": 4, "bf16": 2}
 CHECKPOINTING = ("none", "full", "selective")
 
 
@@ -90,8 +97,8 @@ class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
     ep: int = 1
-    param_dtype: str = "float32"
-    reduce_dtype: str = "float32"
+    param_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"
     legacy_expert_shards: int = 1
@@ -119,6 +126,8 @@ class Layout:
                 f"train.dp_replicate={replicate} x train.dp_shard={shard} must equal the world "
                 f"size {world_size}"
             )
+        if ep == 1 and getattr(train_cfg, "expert_parallel", False) and legacy_expert_shards == 1:
+            ep = shard
         if shard % ep:
             raise CLIError(f"train.ep={ep} must divide train.dp_shard={shard}")
         layout = cls(
@@ -126,8 +135,8 @@ class Layout:
             dp_replicate=replicate,
             dp_shard=shard,
             ep=ep,
-            param_dtype=getattr(train_cfg, "param_dtype", "float32"),
-            reduce_dtype=getattr(train_cfg, "reduce_dtype", "float32"),
+            param_dtype=getattr(train_cfg, "param_dtype", "fp32"),
+            reduce_dtype=getattr(train_cfg, "reduce_dtype", "fp32"),
             reshard_after_forward=getattr(train_cfg, "reshard_after_forward", True),
             activation_checkpointing=getattr(train_cfg, "activation_checkpointing", "none"),
             legacy_expert_shards=legacy_expert_shards,
@@ -149,11 +158,9 @@ class Layout:
         return self.legacy_expert_shards if self.legacy_expert_shards > 1 else self.dp_shard
 
     @property
-    def gathers(self) -> bool:
-        """Whether FSDP2 makes unsharded copies: it shards, or casts to a lower param_dtype."""
-        return self.legacy_expert_shards == 1 and (
-            self.dp_shard > 1 or self.param_dtype != "float32"
-        )
+    def fsdp(self) -> bool:
+        """Whether FSDP2 runs (on every layout of more than one process) and gathers copies."""
+        return self.legacy_expert_shards == 1 and self.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,15 @@ class Plan:
     def total(self) -> int:
         return self.states + self.gathered + self.activations
 
+    @property
+    def build(self) -> int:
+        """The whole fp32 model, which every rank builds before it is sharded."""
+        return 4 * self.parameters_total
+
+    @property
+    def peak(self) -> int:
+        return max(self.total, self.build)
+
 
 def plan(model_cfg, train_cfg, micro_batch: int, layout: Layout | None = None) -> Plan:
     """The per-rank memory of training model_cfg at micro_batch sequences per rank."""
@@ -265,7 +281,7 @@ def _check_experts(inv: Inventory, ep: int) -> None:
 
 
 def _gathered(inv: Inventory, layout: Layout) -> int:
-    if not layout.gathers:
+    if not layout.fsdp:
         return 0
     p = DTYPES[layout.param_dtype]
     r = DTYPES[layout.reduce_dtype] if layout.reduce_dtype != layout.param_dtype else 0
@@ -281,7 +297,7 @@ def _gathered(inv: Inventory, layout: Layout) -> int:
 
 
 def activation_bytes(train_cfg, layout: Layout) -> int:
-    low = train_cfg.precision in ("bf16", "fp16") or layout.param_dtype != "float32"
+    low = train_cfg.precision in ("bf16", "fp16") or (layout.fsdp and layout.param_dtype != "fp32")
     return 2 if low else 4
 
 
@@ -295,28 +311,36 @@ def _routed(ffn_cfg) -> bool:
 
 def _layer_terms(model_cfg, i: int, ep: int) -> tuple[float, float, float, float]:
     """(A, S, K, G) of layer i per token, in elements: what it holds for backward, the part of
-    it that are matmul and attention outputs, what full checkpointing keeps of it, and the
-    workspace of its backward."""
+    it that selective checkpointing keeps, what full checkpointing keeps, and the workspace of
+    its backward."""
     c = model_cfg
     d, r = c.d_model, 1 if c.dropout > 0 else 0
-    ffns = [f for f in (c.layer_ffn_config(i), c.standalone_config(i)) if f is not None]
     if c.arch == "smlp" and not c.is_moe_layer(i):
         F = c.smlp_d_ff
-        return 2 * d + 3.5 * F + r * d, d + 1.5 * F, d, 2 * F
-    w = sum(_width(f, d) for f in ffns)
-    routed = [f for f in ffns if _routed(f)]
-    # the fused expert kernels recompute the hidden layer in backward: 2 w more there
-    G = 2 * w + 2 * sum(_width(f, d) for f in routed)
-    # under EP the all-to-all's output, k tokens of d, is the experts' saved input
-    x = sum(_width(f, d) * d / f.expert_size for f in routed) if ep > 1 else 0
+        return 2 * d + 3.5 * F + r * d, 2 * d + 1.5 * F, d, 2 * F
+    ffns = [f for f in (c.layer_ffn_config(i), c.standalone_config(i)) if f is not None]
     if c.arch == "smlp":
-        return 6 * d + 2 * w + 2 * r * d + x, 2 * d + w + x, d, G
+        ffns = ffns[:1]
+    A = S = G = 0.0
+    for f in ffns:
+        w = _width(f, d)
+        A, G = A + 2 * w, G + 2 * w
+        if _routed(f):
+            # the fused expert kernels recompute the hidden layer in backward: 2 w more there;
+            # of their matmuls only the router's (E logits) is an aten matmul
+            G, S = G + 2 * w, S + f.n_experts
+            if ep > 1:  # the all-to-all's output, k tokens of d, is the experts' saved input
+                A += w * d / f.expert_size
+        else:
+            S += w + d
+    if c.arch == "smlp":
+        return A + 6 * d + 2 * r * d, S + 3 * d, d, G
     i_ = c.n_heads * c.head_dim
-    A, S, K = 4 * d + 5 * i_ + 2 * w + 2 * r * d + x, d + 4 * i_ + w + x, d
+    A, S, K = A + 4 * d + 5 * i_ + 2 * r * d, S + 2 * d + 3 * i_, d
     if c.arch == "transformer_xl":
         M, L = c.memory_length, c.seq_len
         A += M / L * (2 * d + 2 * i_) + 2 * c.n_heads * (L + M)
-        S += M / L * (d + 2 * i_) + c.n_heads * (L + M)
+        S += M / L * 2 * i_ + c.n_heads * (L + M)
         K += M / L * d
     return A, S, K, G
 
@@ -393,15 +417,15 @@ def preflight(
     hint = "use a smaller model or batch, or train.skip_memory_check=true to try anyway"
     rank = " per rank" if world_size > 1 else ""
     free = device_available(device)
-    if free is not None and p.total > free:
+    if free is not None and p.peak > free:
+        needs = describe(p) if p.total >= p.build else f"{gib(p.build)} to build the fp32 model"
         raise CLIError(
-            f"the run needs {describe(p)}{rank} on {device} but {gib(free)} is available; {hint}"
+            f"the run needs {needs}{rank} on {device} but {gib(free)} is available; {hint}"
         )
     if device.type == "cuda":
         host = host_available()
-        weights = p.parameters
-        if host is not None and weights > host:
+        if host is not None and p.build > host:
             raise CLIError(
-                f"the model's fp32 weights need {gib(weights)} of host memory to be built, "
+                f"the model's fp32 weights need {gib(p.build)} of host memory to be built, "
                 f"{gib(host)} is available; {hint}"
             )

@@ -127,6 +127,7 @@ def plan_table(cfg, nproc: int, gpu_mem: float) -> str:
         (f"FSDP gathered copies ({layout.param_dtype})", p.gathered),
         (f"activations ({'16' if lo else '32'}-bit)", p.activations),
         ("total", p.total),
+        ("whole fp32 model, before sharding", p.build),
     ]
     width = max(len(name) for name, _ in rows)
     held = f"{p.held / 1e9:.3f}B of {p.parameters_total / 1e9:.3f}B parameters"
@@ -138,7 +139,7 @@ def plan_table(cfg, nproc: int, gpu_mem: float) -> str:
         f"micro-batch {p.micro_batch} x seq_len {cfg.model.seq_len}, {held} per rank",
         f"{'per rank':<{width}}  {'GiB':>7}",
         *(f"{name:<{width}}  {n / memory.GIB:7.2f}" for name, n in rows),
-        f"{'fits' if p.total <= budget else 'does not fit'} in {gpu_mem:g} GiB "
-        f"({p.total / budget:.0%})",
+        f"{'fits' if p.peak <= budget else 'does not fit'} in {gpu_mem:g} GiB "
+        f"(peak {p.peak / budget:.0%}: the larger of the total and the whole model)",
     ]
     return "\n".join(lines)
