@@ -29,6 +29,13 @@ def level_metrics(prefix: str, loss: float, level: str) -> dict[str, float]:
     return out
 
 
+def validation_line(step: int, loss: float, level: str) -> str:
+    """`step N: validation bpc X (loss Y nats/token)` (perplexity for word and subword data)."""
+    m = level_metrics("valid", loss, level)
+    shown = f"bpc {m['valid_bpc']:.4f}" if "valid_bpc" in m else f"perplexity {m['valid_ppl']:.2f}"
+    return f"step {step}: validation {shown} (loss {loss:.4f} nats/token)"
+
+
 class RoutingAccumulator:
     """Sums each routed layer's statistics over the forward passes of one logging window.
 

@@ -56,7 +56,13 @@ from moe_train.expert_parallel import (
     load_optimizer_state,
     shard_experts,
 )
-from moe_train.metrics import MetricsLogger, RoutingAccumulator, level_metrics, uses_bpc
+from moe_train.metrics import (
+    MetricsLogger,
+    RoutingAccumulator,
+    level_metrics,
+    uses_bpc,
+    validation_line,
+)
 from moe_train.schedule import make_scheduler
 
 RESUME_KEYS = (
@@ -726,6 +732,8 @@ class Trainer:
                     is_best = last_valid < self.best_valid
                     self.best_valid = min(self.best_valid, last_valid)
                     self._log({"step": self.step, **level_metrics("valid", last_valid, self.level)})
+                    if env.is_main:
+                        bar.write(validation_line(self.step, last_valid, self.level), sys.stdout)
                 stop_now = self._should_stop(stop)
                 if self.step % train.save_interval == 0 or is_best or self.step == end or stop_now:
                     self.save(is_best=is_best)

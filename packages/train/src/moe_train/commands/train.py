@@ -168,7 +168,7 @@ def resume_config(args, out_dir: Path) -> RunConfig:
 
 def run(args) -> int:
     from moe_train.distributed import teardown
-    from moe_train.metrics import level_metrics
+    from moe_train.metrics import validation_line
     from moe_train.trainer import TrainOptions, train
 
     plugins(args)
@@ -208,8 +208,6 @@ def run(args) -> int:
             f"moe-train train --out {result.out_dir} --resume"
         )
         return 0
-    m = level_metrics("valid", result.valid_loss, result.level)
-    shown = f"bpc {m['valid_bpc']:.4f}" if "valid_bpc" in m else f"perplexity {m['valid_ppl']:.2f}"
-    print(f"step {result.step}: validation {shown} (loss {result.valid_loss:.4f} nats/token)")
+    print(validation_line(result.step, result.valid_loss, result.level))
     print(f"run saved in {result.out_dir}")
     return 0
