@@ -19,6 +19,9 @@ def make_layers():
         "gshard": moe_layers.GShardMoE(D, 4, 16),
         "base": moe_layers.BaseLayer(D, 4, 16),
         "tmoe": moe_layers.TMoE(D, 4, 16),
+        "token_choice": moe_layers.TokenChoiceMoE(
+            D, 8, 8, 2, n_shared_experts=1, shared_expert_gate=True, bias_update_rate=1e-3
+        ),
     }
 
 

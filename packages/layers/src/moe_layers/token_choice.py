@@ -57,13 +57,16 @@ class SharedExperts(nn.Module):
         self.gate = nn.Parameter(torch.empty(d_model, 1)) if gated_output else None
 
     def forward(self, x_TD: Tensor) -> Tensor:
+        """x_TD in the matmuls' dtype (autocast's, as the routed experts run)."""
+        w1_DS, w2_SD = self.w1.to(x_TD.dtype), self.w2.to(x_TD.dtype)
         if self.w3 is not None:
-            u_TS = GATED_ACTIVATIONS[self.activation](x_TD @ self.w1) * (x_TD @ self.w3)
+            up_TS = x_TD @ self.w3.to(x_TD.dtype)
+            u_TS = GATED_ACTIVATIONS[self.activation](x_TD @ w1_DS) * up_TS
         else:
-            u_TS = ACTIVATIONS[self.activation](x_TD @ self.w1)
-        y_TD = F.dropout(u_TS, self.hidden_dropout, self.training) @ self.w2
+            u_TS = ACTIVATIONS[self.activation](x_TD @ w1_DS)
+        y_TD = F.dropout(u_TS, self.hidden_dropout, self.training) @ w2_SD
         if self.gate is not None:
-            y_TD = torch.sigmoid(x_TD @ self.gate) * y_TD
+            y_TD = torch.sigmoid(x_TD @ self.gate.to(x_TD.dtype)) * y_TD
         return y_TD
 
 
