@@ -69,5 +69,26 @@ def run_checks(rank: int, world_size: int, port: int) -> None:
             step = RATE * torch.sign(load_f.mean() - load_f)
             torch.testing.assert_close(bias, step - step.mean())
             assert load.sum() == x.shape[0] * theirs.config.k
+        check_global_balance_loss(rank, world_size)
     finally:
         dist.destroy_process_group()
+
+
+def check_global_balance_loss(rank: int, world_size: int) -> None:
+    """balance_scope="global": f from every rank's assignments, P from this rank's tokens."""
+    torch.manual_seed(1)
+    layer = TokenChoiceMoE(4, 6, 3, k=2, balance_loss_weight=1.0, balance_scope="global").train()
+    x = micro_batches(rank)[0]
+    layer(x)
+    mine = layer.routing_stats.expert_counts
+    counts = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(counts, mine)
+    f = torch.stack(counts).sum(0).float()
+    f = f / f.sum()
+    probs = torch.softmax(x @ layer.router.gate.t(), dim=-1)
+    expected = 6 * (f * probs.mean(0)).sum()
+    torch.testing.assert_close(layer.aux_losses["balance"], expected)
+    local = TokenChoiceMoE(4, 6, 3, k=2, balance_loss_weight=1.0).train()
+    local.load_state_dict(layer.state_dict())
+    local(x)
+    assert not torch.allclose(local.aux_losses["balance"], expected)

@@ -212,6 +212,7 @@ BAD_VALUES = [
     (TokenChoiceMoE, "topk_groups", 2),
     (TokenChoiceMoE, "z_loss_weight", float("nan")),
     (TokenChoiceMoE, "balance_loss_weight", -1.0),
+    (TokenChoiceMoE, "balance_scope", "batch"),
     (TokenChoiceMoE, "bias_update_rate", -1.0),
     (TokenChoiceMoE, "bias_update_rate", float("inf")),
     (TokenChoiceMoE, "init_std", 0.0),

@@ -211,7 +211,7 @@ def test_z_and_balance_losses_against_hand_formulas():
     assert layer.aux_losses["balance"].item() == pytest.approx(0.7 * balance, rel=1e-12)
     # 1 at perfect balance: uniform probabilities and equal counts
     uniform = torch.full((E * 2, E), 1.0 / E, dtype=torch.float64)
-    assert balance_loss(uniform, torch.full((E,), 4), K).item() == pytest.approx(1.0)
+    assert balance_loss(uniform, torch.full((E,), 4)).item() == pytest.approx(1.0)
     assert router_z_loss(torch.zeros(3, E)).item() == pytest.approx(math.log(E) ** 2)
 
 

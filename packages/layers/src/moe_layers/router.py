@@ -25,6 +25,7 @@ from torch import Tensor
 from moe_layers.base import LinearRouter, Routing, count_ids
 
 SCORES = ("softmax", "sigmoid")
+BALANCE_SCOPES = ("call", "global")
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
@@ -32,13 +33,13 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
-def balance_loss(probs_TE: Tensor, counts_E: Tensor, k: int) -> Tensor:
-    """Switch-style E * sum_e f_e P_e for top-K routing: f_e the share of the T*K assignments that
-    went to expert e (no gradient), P_e the mean over tokens of expert e's routing probability.
+def balance_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
+    """Switch-style E * sum_e f_e P_e for top-K routing: f_e the share of the assignments counted
+    in counts_E that went to expert e (no gradient; this call's T*K, or more tokens' for a global
+    balance loss), P_e the mean over this call's tokens of expert e's routing probability.
     1 at perfect balance; transformers' `load_balancing_loss_func` is K times this."""
-    n_tokens, n_experts = probs_TE.shape
-    f_E = counts_E.to(probs_TE.dtype) / (n_tokens * k)
-    return n_experts * (f_E * probs_TE.mean(0)).sum()
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1)
+    return probs_TE.shape[1] * (f_E * probs_TE.mean(0)).sum()
 
 
 def group_limited_mask(choice_TE: Tensor, n_groups: int, topk_groups: int) -> Tensor:
@@ -67,6 +68,10 @@ class TopKRouter(LinearRouter):
     z_loss_weight: weight of the router z-loss, recorded as "router_z" in training.
     balance_loss_weight: weight of `balance_loss` over this call's tokens (P from the softmax
         scores, or the sigmoid scores normalised over the experts), recorded as "balance".
+    balance_scope: the assignments f counts: "call" (this call's, e.g. one micro-batch of one
+        rank) or "global" (summed over the ranks of the default process group by an all-reduce
+        in the forward, Qwen's global-batch balance; P stays this call's; every rank must run
+        the same training forwards). Without torch.distributed initialised the two are equal.
     bias_update_rate: None (no expert bias) or a rate >= 0: the expert bias buffer `expert_bias`
         [E] is added to the scores for the choice only, and updated by `after_optimizer_step` at
         this rate (0 keeps it fixed, e.g. as loaded from a checkpoint).
@@ -87,6 +92,7 @@ class TopKRouter(LinearRouter):
         topk_groups: int = 1,
         z_loss_weight: float = 0.0,
         balance_loss_weight: float = 0.0,
+        balance_scope: str = "call",
         bias_update_rate: float | None = None,
     ) -> None:
         super().__init__(d_model, n_experts)
@@ -94,6 +100,7 @@ class TopKRouter(LinearRouter):
         self.normalize, self.route_scale = normalize, route_scale
         self.n_groups, self.topk_groups = n_groups, topk_groups
         self.z_loss_weight, self.balance_loss_weight = z_loss_weight, balance_loss_weight
+        self.balance_scope = balance_scope
         self.bias_update_rate = bias_update_rate
         if bias_update_rate is not None:
             self.register_buffer("expert_bias", torch.zeros(n_experts))
@@ -128,13 +135,25 @@ class TopKRouter(LinearRouter):
         if self.training:
             if self.has_bias:
                 self._add_load(counts_E)
+            balance_counts_E = counts_E
+            if self.balance_loss_weight > 0 and self.balance_scope == "global":
+                # before the empty-batch check: every rank joins the all-reduce
+                balance_counts_E = self._summed_over_ranks(counts_E)
             if x_TD.shape[0] > 0:
                 if self.z_loss_weight > 0:
                     aux["router_z"] = self.z_loss_weight * router_z_loss(logits_TE)
                 if self.balance_loss_weight > 0:
-                    balance = balance_loss(probs_TE, counts_E, self.k)
+                    balance = balance_loss(probs_TE, balance_counts_E)
                     aux["balance"] = self.balance_loss_weight * balance
         return Routing(idx_TK, gates_TK, counts_E, probs_TE=probs_TE.detach(), aux_losses=aux)
+
+    @staticmethod
+    def _summed_over_ranks(counts_E: Tensor) -> Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            return counts_E
+        total_E = counts_E.detach().clone()
+        dist.all_reduce(total_E)
+        return total_E
 
     @staticmethod
     def _normalized(scores_TE: Tensor) -> Tensor:
@@ -182,4 +201,11 @@ class TopKRouter(LinearRouter):
             bias_E -= bias_E.mean()
 
 
-__all__ = ["SCORES", "TopKRouter", "balance_loss", "group_limited_mask", "router_z_loss"]
+__all__ = [
+    "BALANCE_SCOPES",
+    "SCORES",
+    "TopKRouter",
+    "balance_loss",
+    "group_limited_mask",
+    "router_z_loss",
+]

@@ -32,7 +32,7 @@ from moe_layers.base import (
     is_finite,
     is_int,
 )
-from moe_layers.router import SCORES, TopKRouter
+from moe_layers.router import BALANCE_SCOPES, SCORES, TopKRouter
 
 
 def is_glu(activation: str) -> bool:
@@ -81,7 +81,7 @@ class TokenChoiceMoE(RoutedMoE):
         n_shared_experts * shared_expert_size (default expert_size). shared_expert_gate: scale
         the shared output by sigmoid(x @ w_gate), w_gate [D, 1] (Qwen2-MoE).
     score, softmax_after_topk, normalize, route_scale, n_groups, topk_groups, z_loss_weight
-        ("router_z"), balance_loss_weight ("balance"), bias_update_rate: the router's, see
+        ("router_z"), balance_loss_weight ("balance"), balance_scope, bias_update_rate: the router's, see
         TopKRouter. With bias_update_rate set, call `after_optimizer_step(group)` (or
         moe_layers.after_optimizer_step(model, group)) after every optimiser step.
     n_layers, init_std: init. None: normal with std sqrt(2 / (n_layers * fan_in)) for the expert
@@ -109,6 +109,7 @@ class TokenChoiceMoE(RoutedMoE):
         topk_groups: int = 1
         z_loss_weight: float = 0.0
         balance_loss_weight: float = 0.0
+        balance_scope: str = "call"
         bias_update_rate: float | None = None
         init_std: float | None = None
 
@@ -143,6 +144,7 @@ class TokenChoiceMoE(RoutedMoE):
                     f"/ n_groups = {kept}), got {self.k}"
                 )
             check_non_negative(self, "z_loss_weight", "balance_loss_weight")
+            check_choice(self, "balance_scope", BALANCE_SCOPES)
             check_option(
                 self,
                 ["bias_update_rate"],
@@ -186,6 +188,7 @@ class TokenChoiceMoE(RoutedMoE):
             topk_groups=c.topk_groups,
             z_loss_weight=c.z_loss_weight,
             balance_loss_weight=c.balance_loss_weight,
+            balance_scope=c.balance_scope,
             bias_update_rate=c.bias_update_rate,
         )
 
