@@ -61,3 +61,28 @@ def test_the_validation_along_the_way_is_printed(cli, tmp_path):
         r"^step 2: validation bpc \d+\.\d{4} \(loss \d+\.\d{4} nats/token\)$", out, re.M
     )
     assert re.search(r"^step 4: validation bpc", out, re.M)
+
+
+def test_a_replaced_vocab_size_is_said(cli, tmp_path):
+    rc, _, err = cli.train(tmp_path / "r", "--max-steps", "1", "vocab_size=1000")
+    assert rc == 0, err
+    assert "note: vocab_size=1000 is replaced by the data's vocabulary of" in err
+    rc, _, err = cli.train(tmp_path / "plain", "--max-steps", "1")
+    assert rc == 0 and "vocab_size" not in err, err
+
+
+def test_resume_says_that_a_hand_edited_config_is_not_what_it_continues(cli, tmp_path):
+    import json
+
+    run = tmp_path / "r"
+    rc, _, err = cli.train(run, "--max-steps", "2")
+    assert rc == 0, err
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(config))
+    rc, _, err = cli("train", "--out", run, "--resume", "--max-steps", "3", "--no-progress")
+    assert rc == 0, err
+    assert f"note: {run / 'config.json'} differs from the config in the checkpoint" in err
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] != 0.5
+    rc, _, err = cli("train", "--out", run, "--resume", "--max-steps", "4", "--no-progress")
+    assert rc == 0 and "differs" not in err, err

@@ -179,6 +179,25 @@ class RunLock:
         self.held = False
 
 
+def edited_config_note(out_dir: Path, saved: dict) -> str | None:
+    """A note when DIR/config.json no longer says what the checkpoint's config does (edited by
+    hand): --resume continues the checkpoint's config and writes config.json again."""
+    path = Path(out_dir) / "config.json"
+    try:
+        written = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        written = None
+    if written == json.loads(json.dumps(saved)):
+        return None
+    return (
+        f"note: {path} differs from the config in the checkpoint (edited?); --resume continues "
+        "the checkpoint's and rewrites the file: change training fields with flags or "
+        "train.KEY=VALUE instead"
+    )
+
+
 def history(out_dir: Path) -> list[str]:
     """The parts of a run's history present in `out_dir` (empty folders do not count)."""
     found = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -106,7 +107,15 @@ def default_out_dir(preset: str, env: DistEnv) -> Path:
 
 
 def with_corpus_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    """The model's vocabulary is always the data's; a vocab_size the user set is replaced, with a
+    note (the preset's own is replaced without one)."""
     if cfg.model.vocab_size != vocab_size:
+        if _vocab_size_was_set(cfg) and int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"note: vocab_size={cfg.model.vocab_size} is replaced by the data's vocabulary of"
+                f" {vocab_size} (the model's vocabulary is always its data's)",
+                file=sys.stderr,
+            )
         try:
             cfg.model = moe_models.get_config(cfg.model, vocab_size=vocab_size)
         except ValueError as e:
@@ -114,6 +123,13 @@ def with_corpus_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
                 f"model config with the data's vocabulary of {vocab_size}: {e}"
             ) from None
     return cfg
+
+
+def _vocab_size_was_set(cfg: RunConfig) -> bool:
+    try:
+        return moe_models.get_config(cfg.preset).vocab_size != cfg.model.vocab_size
+    except ValueError:
+        return False
 
 
 def build_optimizer(model: torch.nn.Module, train) -> torch.optim.AdamW:

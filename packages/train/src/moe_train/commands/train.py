@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from moe_train import rundir
 from moe_train.commands.common import add_plugin_flag, plugins
 from moe_train.config import (
     DEFAULT_PRESET,
@@ -142,6 +144,9 @@ def resume_config(args, out_dir: Path) -> RunConfig:
     if payload is None:
         raise CLIError(f"--resume: no checkpoint in {out_dir / 'checkpoints'} to resume from")
     latest = payload["path"]
+    note = rundir.edited_config_note(out_dir, payload["run_config"])
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr)
     saved = RunConfig.from_dict(
         payload["run_config"], where=f"the run {out_dir}", offer_trust=False
     )
