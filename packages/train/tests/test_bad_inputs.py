@@ -142,6 +142,44 @@ def moved_corpus(run, tmp):
         ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path)
 
 
+WIDE_PLUGIN = """
+import dataclasses
+import moe_layers, moe_models
+from torch import nn
+
+class Wide(moe_layers.MoEModule):
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(moe_layers.LayerConfig):
+        pass
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w = nn.Linear(self.config.d_model, 2 * self.config.d_model)
+
+    def forward_tokens(self, x_TD, token_ids_T):
+        return self.w(x_TD)
+
+moe_models.register_ffn("table_wide", Wide.Config)
+"""
+
+
+def plugin_files(run, tmp):
+    write(tmp / "exits.py", "raise SystemExit(0)\n")
+    write(tmp / "exits_later.py", "import sys\nsys.exit('bye')\n")
+    write(tmp / "wide.py", WIDE_PLUGIN)
+
+
+def recorded_plugin(run, tmp):
+    """A copy of the run whose checkpoints say its layer comes from a plugin nobody named."""
+    write(tmp / "unnamed_plugin.py", f"open({str(tmp / 'ran')!r}, 'w').close()\n")
+    copy = copy_run(run, tmp)
+    for _, path in ckpt.step_files(copy / "checkpoints"):
+        payload = ckpt.load(path)
+        payload["run_config"]["plugins"] = [str(tmp / "unnamed_plugin.py")]
+        payload["run_config"]["model"]["ffn"]["type"] = "unnamed_layer"
+        ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path)
+
+
 def special_files(run, tmp):
     os.mkfifo(tmp / "fifo.txt")
     (tmp / "zero.txt").symlink_to("/dev/zero")
@@ -246,6 +284,26 @@ CLI_CASES = [
     (["train", "--config", "{tmp}/list.json"], ["list.json", "top level"], configs),
     (["train", "--plugin", "/nonexistent/plugin.py"], ["/nonexistent/plugin.py"]),
     (["train", "--plugin", "no_such_module_xyz"], ["no_such_module_xyz"]),
+    (["train", "--plugin", "{tmp}/exits.py"], ["exits.py", "SystemExit"], plugin_files),
+    (["train", "--plugin", "{tmp}/exits_later.py"], ["exits_later.py", "bye"], plugin_files),
+    (
+        ["train", "--out", "{tmp}/r", "--plugin", "{tmp}/wide.py", "--preset", "tiny-dense"]
+        + ["ffn=table_wide", *TINY, "--max-steps", "2", "--batch-size", "2", *QUIET]
+        + ["train.warmup_steps=1", "train.eval_batch_size=2"],
+        ["plugin {tmp}/wide.py", "ffn=table_wide", "[..., d_model]"],
+        plugin_files,
+    ),
+    *(
+        (argv, ["unnamed_plugin.py", "--plugin", *offer], recorded_plugin)
+        for argv, offer in [
+            (["eval", "{tmp}/copy"], ["--trust-plugins"]),
+            (["generate", "{tmp}/copy", "--prompt", "a"], ["--trust-plugins"]),
+            (["prime", "{tmp}/copy", "--task", "{task}"], ["--trust-plugins"]),
+            (["finetune", "{tmp}/copy", "--task", "{task}"], ["--trust-plugins"]),
+            (["export", "{tmp}/copy", "{tmp}/out"], ["--trust-plugins"]),
+            (["train", "--out", "{tmp}/copy", "--resume", "--max-steps", "6"], []),
+        ]
+    ),
     (["train", "--out", "{tmp}/file", *TINY], ["{tmp}/file", "is a file"], a_file),
     (["train", "--out", "{tmp}/file/run", *TINY], ["{tmp}/file/run", "is a file"], a_file),
     (

@@ -107,3 +107,38 @@ def test_a_killed_holder_leaves_a_lock_the_next_run_takes(tmp_path):
     assert note and "stale lock" in note and str(holder.pid) in note
     lock.release()
     assert not (folder / rundir.LOCK).exists()
+
+
+PREPARING = """
+import sys, time
+import moe_data
+from moe_train.cli import main
+
+def slow_load(spec, **kwargs):
+    # data preparation that takes long (a big corpus, a slow disk)
+    while True:
+        time.sleep(0.05)
+
+moe_data.load = slow_load
+sys.exit(main(["train", "--out", sys.argv[1], "--no-progress", "--no-tensorboard"]))
+"""
+
+
+def test_sigterm_ends_a_run_while_it_prepares_its_data(tmp_path):
+    """The stop flag of the training loop is not installed yet: SIGTERM ends the process at once,
+    and the lock it leaves is taken over by the next run (its flock went with the process)."""
+    run = tmp_path / "run"
+    preparing = subprocess.Popen([sys.executable, "-c", PREPARING, str(run)])
+    deadline = time.monotonic() + 120
+    while not (run / rundir.LOCK).exists():
+        assert preparing.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    started = time.monotonic()
+    preparing.send_signal(signal.SIGTERM)
+    assert preparing.wait(timeout=10) == -signal.SIGTERM
+    assert time.monotonic() - started < 10
+    lock = rundir.RunLock(run)
+    note = lock.acquire()
+    assert note and "stale lock" in note
+    lock.release()
