@@ -13,6 +13,10 @@ error message, none aborting the script:
   models   one training step of tiny-sigma-moe and tiny-gshard under
            torch.cuda.set_sync_debug_mode("error"), after a warm-up step
   compile  torch.compile vs eager for one σ-MoE layer, output and gradients
+  generate sigma-moe-wt103-small vs dense-wt103-small: a training step's peak allocated memory
+           (torch.cuda.max_memory_allocated above the model); decode steps at batch 1 and 8,
+           eager (XLCache) and torch.compile(mode="reduce-overhead") on the memory state, whose
+           shapes are static once the memory is full
   bench    expert_mlp fwd+bwd in bf16 beside the dense same-FLOPs MLP, torch._grouped_mm and
            ScatterMoE (when importable), CUDA events, medians; the targets as pass/fail rows
 Each section has a time budget (BUDGETS, seconds); a check that would start past it is skipped.
@@ -37,7 +41,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BUDGETS = {"kernels": 90, "cupy": 15, "layers": 45, "models": 60, "compile": 75, "bench": 150}
+BUDGETS = {
+    "kernels": 90,
+    "cupy": 15,
+    "layers": 45,
+    "models": 60,
+    "compile": 75,
+    "generate": 120,
+    "bench": 150,
+}
 GPU_SHAPES = [
     (32768, 512, 128, 128, 4),
     (32768, 1024, 32, 128, 4),
@@ -353,6 +365,107 @@ def section_compile(rep: Report, smoke: bool) -> None:
     rep.run("SigmaMoE compiled vs eager", _compiled_matches_eager, device, backend)
 
 
+# ---- generate (issue 22) ----
+
+GENERATE_PAIR = ("sigma-moe-wt103-small", "dense-wt103-small")
+SMOKE_GENERATE_PAIR = ("tiny-sigma-moe", "tiny-dense")
+
+
+def _pair_models(smoke: bool, device: str) -> dict:
+    import moe_models
+
+    models = {}
+    # smoke: small enough for the test of this script (vocabulary 8000 as in bench/ otherwise)
+    sizes = dict(vocab_size=256, mem_len=8, seq_len=8) if smoke else dict(vocab_size=8000)
+    for name in SMOKE_GENERATE_PAIR if smoke else GENERATE_PAIR:
+        torch.manual_seed(0)
+        cfg = moe_models.get_config(name, dropout=0.0, **sizes)
+        models[name] = moe_models.build(cfg).to(device)
+    return models
+
+
+def _step_peak_memory(smoke: bool, device: str) -> dict:
+    """Peak allocated memory of a training step (forward and backward, batch 2 x 256) above
+    the built model, σ-MoE over dense (issue 22's target: at most 0.85)."""
+    peaks = {}
+    for name, model in _pair_models(smoke, device).items():
+        model.train()
+        vocab, length = model.config.vocab_size, model.config.seq_len
+        tokens = torch.randint(0, vocab, (2, length + 1), device=device)
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()  # warm-up: lazy allocations
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peaks[name] = float("nan")  # no allocator statistics on the CPU: bench/ measures RSS
+        del model
+    moe, dense = peaks.values()
+    return {"detail": f"{moe:.0f} MiB vs {dense:.0f} MiB: {moe / dense:.2f}x dense (target 0.85)"}
+
+
+def _decode_ms(model, batch: int, new: int, compiled: bool, device: str) -> float:
+    """Median ms of a decode step with the memory already full. Eager: the XLCache state.
+    Compiled (torch.compile mode="reduce-overhead", CUDA graphs; smoke: backend "eager"): the
+    memory state, whose tensors keep one shape once the memory is full."""
+    from moe_models.generate import feed
+
+    model.eval()
+    cfg = model.config
+    prompt = torch.randint(0, cfg.vocab_size, (batch, cfg.memory_length), device=device)
+    times = []
+    with torch.no_grad():
+        if compiled:
+            options = {"backend": "eager"} if device == "cpu" else {"mode": "reduce-overhead"}
+            step = torch.compile(model, dynamic=False, **options)
+            state = model(prompt).state
+        else:
+            step = model
+            state = feed(model, prompt, model.init_state()).state
+        token = prompt[:, -1:]
+        for i in range(new + 3):  # 3 warm-up steps: compilation, graph capture
+            _sync(device)
+            started = time.perf_counter()
+            out = step(token, state=state)
+            state = out.state
+            token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            if i >= 3:
+                times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def _decode_pair(smoke: bool, device: str, batch: int, compiled: bool) -> dict:
+    new = 2 if smoke else 32
+    ms = {
+        name: _decode_ms(model, batch, new, compiled, device)
+        for name, model in _pair_models(smoke, device).items()
+    }
+    moe, dense = ms.values()
+    return {"detail": f"{moe:.3g} ms vs {dense:.3g} ms a step: {moe / dense:.2f}x dense"}
+
+
+def section_generate(rep: Report, smoke: bool) -> None:
+    device = "cpu" if smoke else "cuda"
+    rep.run("training step peak memory, σ-MoE vs dense", _step_peak_memory, smoke, device)
+    for batch in (1,) if smoke else (1, 8):
+        for compiled in (False, True):
+            mode = "compiled reduce-overhead" if compiled else "eager, XLCache"
+            rep.run(
+                f"decode batch {batch} {mode}, σ-MoE vs dense",
+                _decode_pair,
+                smoke,
+                device,
+                batch,
+                compiled,
+            )
+
+
 # ---- bench ----
 
 
@@ -458,6 +571,7 @@ SECTIONS = {
     "layers": section_layers,
     "models": section_models,
     "compile": section_compile,
+    "generate": section_generate,
     "bench": section_bench,
 }
 

@@ -13,7 +13,12 @@ saying which the attention serves and the architecture choosing one:
 - "memory" (transformer_xl, moeut): the model keeps the memory, the inputs of earlier tokens
   [B, M, d_model] in the same space as x_BLD (or None for none), and calls
   `y_BLD = attn(x_BLD, memory_BMD)`; new token i sits at position M + i, memory row j at j.
-  Positions are the attention's business (relative positions, RoPE, ...).
+  Positions are the attention's business (relative positions, RoPE, ...). For generation such
+  an attention may also answer `y_BLD, cache = attn.extend(x_BLD, cache, keep)`: the same output
+  as with the memory of the last `keep` inputs before x_BLD, the attention keeping what it needs
+  of them in `cache` (None at the start; RelativeAttention keeps their keys and values, in a
+  moe_models.window.Window), so that a step computes nothing again for the earlier tokens.
+  Without it the model keeps the (normalised) inputs in a Window and calls the attention.
 - "cache" (decoder): the attention keeps what it needs (a key/value cache) and the model only
   passes it on: `y_BLD, cache = attn(x_BLD, cache)` with cache None at the start; the attention
   also answers `attn.cached_length(cache)`, how many tokens its cache holds.
@@ -33,6 +38,7 @@ from torch.nn import functional as F
 
 from moe_models.primitives import init_linear, sinusoid_table
 from moe_models.registry import STATE_KINDS, register_attention
+from moe_models.window import Window, extend
 
 
 def check_width(x: Tensor, d_model: int, what: str) -> None:
@@ -111,6 +117,8 @@ class RelativeAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         for lin in (self.q, self.k, self.v, self.r, self.out):
             init_linear(lin, cfg.n_layers)
+        # (key, W_r r of distances 0..n-1) kept by _positions
+        self._positions_cache: tuple | None = None
 
     def forward(self, x_BLD: Tensor, mem_BMD: Tensor | None) -> Tensor:
         check_width(x_BLD, self.d_model, "the attention input")
@@ -119,16 +127,55 @@ class RelativeAttention(nn.Module):
         B, L, _ = x_BLD.shape
         ctx_BKD = x_BLD if mem_BMD is None else torch.cat([mem_BMD, x_BLD], dim=1)
         K = ctx_BKD.shape[1]
+        H, Dh = self.n_heads, self.d_head
+        k_BHKd = self.k(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
+        v_BHKd = self.v(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
+        return self._attend(x_BLD, k_BHKd, v_BHKd, self._positions(K, K, x_BLD))
+
+    def extend(self, x_BLD: Tensor, cache: Window | None, keep: int) -> tuple[Tensor, Window]:
+        """forward(x_BLD, memory) for generation, where memory is the last `keep` inputs before
+        x_BLD: cache (None at the start) holds their keys and values, so that a step projects
+        its new tokens only; returns the output and the cache of the next call."""
+        check_width(x_BLD, self.d_model, "the attention input")
+        B, L, _ = x_BLD.shape
+        H, Dh = self.n_heads, self.d_head
+        kv_BL2I = torch.stack([self.k(x_BLD), self.v(x_BLD)], dim=2)
+        kv_BK2I, cache = extend(cache, kv_BL2I, keep)
+        K = kv_BK2I.shape[1]
+        k_BHKd = kv_BK2I[:, :, 0].view(B, K, H, Dh).transpose(1, 2)
+        v_BHKd = kv_BK2I[:, :, 1].view(B, K, H, Dh).transpose(1, 2)
+        return self._attend(x_BLD, k_BHKd, v_BHKd, self._positions(K, keep + L, x_BLD)), cache
+
+    def _positions(self, K: int, room: int, x: Tensor) -> Tensor:
+        """W_r r(d) of the distances d = 0..K-1: [H, K, d_head]. Without autograd it depends on
+        the weights only, so it is computed once for `room` >= K distances and its rows reused
+        (recomputed when W_r changes: an optimiser step, a load)."""
+        weight = self.r.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._project_positions(K, x)
+        key = (weight._version, weight.data_ptr(), x.dtype, x.device)
+        if (
+            self._positions_cache is None
+            or self._positions_cache[0] != key
+            or (self._positions_cache[1].shape[1] < K)
+        ):
+            self._positions_cache = (key, self._project_positions(max(K, room), x))
+        return self._positions_cache[1][:, :K]
+
+    def _project_positions(self, K: int, x: Tensor) -> Tensor:
+        dist_K = torch.arange(K, device=x.device)
+        r_KI = self.r(sinusoid_table(dist_K, self.d_model).to(x.dtype))
+        return r_KI.view(K, self.n_heads, self.d_head).transpose(0, 1)
+
+    def _attend(self, x_BLD: Tensor, k_BHKd: Tensor, v_BHKd: Tensor, r_HKd: Tensor) -> Tensor:
+        """Attention of the queries of x_BLD (the last L of the K positions) over the keys."""
+        B, L, _ = x_BLD.shape
+        K = k_BHKd.shape[2]
         M = K - L
         H, Dh = self.n_heads, self.d_head
         q_BHLd = self.q(x_BLD).view(B, L, H, Dh).transpose(1, 2)
-        k_BHKd = self.k(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
-        v_BHKd = self.v(ctx_BKD).view(B, K, H, Dh).transpose(1, 2)
-
         # distances 0..K-1; query i sits at absolute position M + i, key j at j
         dist_K = torch.arange(K, device=x_BLD.device)
-        r_HKd = self.r(sinusoid_table(dist_K, ctx_BKD.shape[-1]).to(x_BLD.dtype))
-        r_HKd = r_HKd.view(K, H, Dh).transpose(0, 1)
         qv_BHLd = q_BHLd + self.position_bias[:, None, :]
         pos_by_dist_BHLK = torch.einsum("bhld,hkd->bhlk", qv_BHLd, r_HKd)
         rel_LK = (M + torch.arange(L, device=x_BLD.device))[:, None] - dist_K[None, :]
@@ -171,7 +218,8 @@ def reference_relative_attention(
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal multi-head attention; its cache is the (k, v) [B, H, K, d_head] of earlier tokens."""
+    """Causal multi-head attention; its cache holds the keys and values of earlier tokens, a
+    moe_models.window.Window of [B, K, 2, H, d_head] (appended in place)."""
 
     Config = CausalAttentionConfig
     state_kind = "cache"
@@ -188,16 +236,20 @@ class CausalSelfAttention(nn.Module):
         init_linear(self.out, cfg.n_layers)
 
     @staticmethod
-    def cached_length(cache: tuple[Tensor, Tensor] | None) -> int:
-        return 0 if cache is None else cache[0].shape[2]
+    def cached_length(cache: Window | None) -> int:
+        return 0 if cache is None else len(cache)
 
-    def forward(self, x_BLD: Tensor, past: tuple[Tensor, Tensor] | None):
+    def forward(self, x_BLD: Tensor, past: Window | None):
         check_width(x_BLD, self.d_model, "the attention input")
         B, L, _ = x_BLD.shape
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
+        qkv_BL3Hd = self.qkv(x_BLD).view(B, L, 3, self.n_heads, self.d_head)
+        q = qkv_BL3Hd[:, :, 0].transpose(1, 2)
+        if past is None:
+            kv_BK2Hd = qkv_BL3Hd[:, :, 1:]
+            cache = Window.of(kv_BK2Hd)
+        else:
+            kv_BK2Hd, cache = extend(past, qkv_BL3Hd[:, :, 1:], None)
+        k, v = kv_BK2Hd[:, :, 0].transpose(1, 2), kv_BK2Hd[:, :, 1].transpose(1, 2)
         K = k.shape[2]
         # query i sits at position K - L + i and sees keys 0..K - L + i
         allowed_LK = (
@@ -207,7 +259,7 @@ class CausalSelfAttention(nn.Module):
         att_BHLd = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed_LK, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        return self.out(att_BHLd.transpose(1, 2).reshape(B, L, -1)), (k, v)
+        return self.out(att_BHLd.transpose(1, 2).reshape(B, L, -1)), cache
 
 
 @dataclass(frozen=True, kw_only=True)

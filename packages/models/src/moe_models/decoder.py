@@ -78,8 +78,9 @@ class DecoderLM(LanguageModel):
         self, tokens: Tensor, targets: Tensor | None = None, *, state: list | None = None
     ) -> ModelOutput:
         """state: None, or the attention caches of the earlier tokens, one per layer (by default
-        (k, v) [B, H, K, d_head]; [] from init_state: none yet); the new tokens follow them.
-        Returns the grown caches when given them, else no state."""
+        a moe_models.window.Window of their keys and values, appended in place; [] from
+        init_state: none yet); the new tokens follow them. Returns the grown caches when given
+        them, else no state."""
         self.check_tokens(tokens, targets)
         past = state or None
         if past is not None and len(past) != len(self.layers):

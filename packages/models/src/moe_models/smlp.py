@@ -28,6 +28,7 @@ from moe_models.common import IGNORE_INDEX, LanguageModel, ModelOutput
 from moe_models.config import ModelConfig
 from moe_models.ffn import FFNBlock
 from moe_models.transformer_xl import init_linear
+from moe_models.window import Window, extend
 
 
 class GMLPBlock(nn.Module):
@@ -96,9 +97,10 @@ class SparseMLPLM(LanguageModel):
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, *, state: Tensor | None = None
     ) -> ModelOutput:
-        """tokens [B, L] with L <= seq_len. state: None, or the window of earlier tokens [B, W]
-        that the new ones follow (the spatial projections have a fixed window, so each call
-        recomputes the last seq_len tokens); with a state, returns the window for the next call."""
+        """tokens [B, L] with L <= seq_len. state: None, or the window of earlier tokens that the
+        new ones follow ([B, W], or the moe_models.window.Window a call returned: appended in
+        place); the spatial projections mix absolute positions of a fixed window, so each call
+        recomputes the last seq_len tokens. With a state, returns the window for the next call."""
         self.check_tokens(tokens, targets)
         seq_len = self.config.seq_len
         if not 1 <= tokens.shape[1] <= seq_len:
@@ -106,14 +108,18 @@ class SparseMLPLM(LanguageModel):
                 f"the sMLP LM mixes tokens over a fixed window: sequence length must be in "
                 f"[1, seq_len={seq_len}], got {tokens.shape[1]}"
             )
-        context = tokens
-        if state is not None and state.numel():
-            if state.dim() != 2 or state.shape[0] != tokens.shape[0]:
+        context, window = tokens, None
+        if state is not None:
+            earlier = state.buf if isinstance(state, Window) else state
+            if earlier.numel() and (earlier.dim() != 2 or earlier.shape[0] != tokens.shape[0]):
                 raise ValueError(
                     f"state must be the window of earlier tokens [B={tokens.shape[0]}, W], got "
-                    f"{tuple(state.shape)}"
+                    f"{tuple(earlier.shape)}"
                 )
-            context = torch.cat([state.to(tokens.device), tokens], dim=1)[:, -seq_len:]
+            if not isinstance(state, Window):
+                state = Window.of(state) if state.numel() else None
+            rows, window = extend(state, tokens, seq_len - 1)
+            context = rows[:, -seq_len:]
         x_BLD = self.dropout(self.embedding(context))
         for layer in self.layers:
             x_BLD = layer(x_BLD, context)
@@ -123,5 +129,4 @@ class SparseMLPLM(LanguageModel):
             first_scored = max(self.prefix_len - (context.shape[1] - tokens.shape[1]), 0)
             targets = targets.clone()
             targets[:, :first_scored] = IGNORE_INDEX
-        window = context[:, context.shape[1] - (seq_len - 1) :] if seq_len > 1 else context[:, :0]
-        return self.finish(logits, targets, state=window if state is not None else None)
+        return self.finish(logits, targets, state=window)

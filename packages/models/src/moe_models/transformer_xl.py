@@ -19,8 +19,15 @@ from moe_models.common import LanguageModel, ModelOutput
 from moe_models.config import ModelConfig
 from moe_models.ffn import FFNBlock, standalone_block
 from moe_models.primitives import init_linear
+from moe_models.window import extend
 
-__all__ = ["RelativeAttention", "TransformerXL", "init_linear", "reference_relative_attention"]
+__all__ = [
+    "RelativeAttention",
+    "TransformerXL",
+    "XLCache",
+    "init_linear",
+    "reference_relative_attention",
+]
 
 
 class XLLayer(nn.Module):
@@ -42,9 +49,43 @@ class XLLayer(nn.Module):
             x_BLD = self.standalone(x_BLD, token_ids_BL)
         return x_BLD
 
+    def extend(self, x_BLD, cache, keep: int, token_ids_BL):
+        """forward with the memory of the last `keep` layer inputs, for generation: the
+        attention's own cache where it has `extend`, else a Window of normalised inputs."""
+        h = self.attn_norm(x_BLD)
+        if hasattr(self.attn, "extend"):
+            a, cache = self.attn.extend(h, cache, keep)
+        else:
+            rows, cache = extend(cache, h, keep)
+            memory = rows.shape[1] - h.shape[1]
+            a = self.attn(h, rows[:, :memory] if memory else None)
+        x_BLD = x_BLD + self.dropout(a)
+        x_BLD = self.ffn(x_BLD, token_ids_BL)
+        if self.standalone is not None:
+            x_BLD = self.standalone(x_BLD, token_ids_BL)
+        return x_BLD, cache
+
+
+class XLCache:
+    """The generation state of a TransformerXL (`init_state`): per layer what its attention
+    keeps of the memory (keys and values, in place: moe_models.window), so that a step
+    computes nothing again for the tokens before it. Its logits are those of the memory state."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+
+
+torch.utils._pytree.register_pytree_node(
+    XLCache,
+    lambda c: (list(c.layers), None),
+    lambda children, _: XLCache(list(children)),
+    serialized_type_name="moe_models.transformer_xl.XLCache",
+)
+
 
 class TransformerXL(LanguageModel):
-    """state: the memory, one [B, M, d_model] tensor of layer inputs per layer (detached)."""
+    """state: the memory, one [B, M, d_model] tensor of layer inputs per layer (detached); or,
+    from `init_state` (generation), an XLCache."""
 
     arch = "transformer_xl"
     carries_state = True
@@ -62,6 +103,10 @@ class TransformerXL(LanguageModel):
         nn.init.zeros_(self.head.bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embedding.weight
+
+    def init_state(self) -> XLCache:
+        """The generation state: nothing read yet."""
+        return XLCache([None] * len(self.layers))
 
     def check_state(self, tokens: Tensor, mems: list[Tensor]) -> None:
         if not isinstance(mems, list | tuple) or len(mems) != len(self.layers):
@@ -81,6 +126,8 @@ class TransformerXL(LanguageModel):
         self, tokens: Tensor, targets: Tensor | None = None, *, state: list[Tensor] | None = None
     ) -> ModelOutput:
         self.check_tokens(tokens, targets)
+        if isinstance(state, XLCache):
+            return self._extend(tokens, targets, state)
         if state is not None:
             self.check_state(tokens, state)
         mem_len = self.config.memory_length
@@ -93,3 +140,17 @@ class TransformerXL(LanguageModel):
             x_BLD = layer(x_BLD, mem, tokens)
         logits = self.head(self.norm(x_BLD))
         return self.finish(logits, targets, state=new_mems)
+
+    def _extend(self, tokens: Tensor, targets: Tensor | None, cache: XLCache) -> ModelOutput:
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"state must be the XLCache of this model ({len(self.layers)} layers), got one "
+                f"of {len(cache.layers)}"
+            )
+        x_BLD = self.dropout(self.embedding(tokens))
+        layers = []
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x_BLD, layer_cache = layer.extend(x_BLD, layer_cache, self.config.memory_length, tokens)
+            layers.append(layer_cache)
+        logits = self.head(self.norm(x_BLD))
+        return self.finish(logits, targets, state=XLCache(layers))
