@@ -223,3 +223,13 @@ def test_the_contract_check_keeps_a_good_plugin_layer_exact(tmp_path, monkeypatc
     expected = type(layer).forward(layer, x)
     assert torch.equal(layer(x), expected)
     assert json.loads(json.dumps(moe_models.config_to_dict(cfg)))["ffn"]["type"] == "exact"
+
+
+def test_lm_eval_seed_is_bounded(plugin_run):
+    pytest.importorskip("lm_eval")
+    from moe_train.errors import CLIError
+    from moe_train.lm_eval_adapter import MoELM
+
+    run, path = plugin_run
+    with pytest.raises(CLIError, match="seed must be in"):
+        MoELM(path=str(run), device="cpu", seed=2**64, plugin=str(path))

@@ -33,6 +33,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from moe_train import loading
+from moe_train.config import MAX_SEED
+from moe_train.errors import CLIError
 from moe_train.priming import IGNORE, pad_batch, scored_targets, sequence
 
 
@@ -55,6 +57,8 @@ class MoELM(LM):
         **unused,
     ) -> None:
         super().__init__()
+        if not 0 <= int(seed) <= MAX_SEED:
+            raise CLIError(f"model_args seed must be in [0, {MAX_SEED}], got {seed}")
         self.loaded = loading.load(
             path,
             device=device or "auto",
