@@ -11,6 +11,9 @@ the interleaved repeats), peak CUDA memory and achieved TFLOP/s of
   grouped_mm    (CUDA only) sort + gather + torch._grouped_mm, differentiated by autograd
 and the ratios fast / dense_flops and naive / fast of the forward+backward medians.
 CPU rows: fp32 on 2 threads. GPU rows: bf16, only when CUDA is available.
+Fine-grained rows (issue 21; target: fast forward+backward within 2.5x of dense_flops): many
+small experts, relu and swiglu (silu(x W1) * (x W3), then W2; the dense MLPs gated alike), fast
+and the dense MLPs only.
 """
 
 import sys
@@ -29,6 +32,7 @@ CPU_SHAPES = [
     (1024, 512, 8, 1024, 2),
     (1024, 256, 128, 32, 8),
 ]
+FINE_GRAINED_SHAPES = [(2048, 256, 64, 32, 8), (2048, 512, 128, 64, 8)]
 GPU_SHAPES = [
     (32768, 512, 128, 128, 4),
     (32768, 1024, 32, 128, 4),
@@ -50,11 +54,26 @@ def _inputs(shape, dtype, device, seed=0):
         x=randn(T, D),
         w1=randn(E, D, G, scale=D**-0.5),
         w2=randn(E, G, D, scale=G**-0.5),
+        w3=randn(E, D, G, scale=D**-0.5),
         idx=idx,
         gates=gates,
-        dense_flops=(randn(D, K * G, scale=D**-0.5), randn(K * G, D, scale=(K * G) ** -0.5)),
-        dense_params=(randn(D, E * G, scale=D**-0.5), randn(E * G, D, scale=(E * G) ** -0.5)),
+        dense_flops=(
+            randn(D, K * G, scale=D**-0.5),
+            randn(K * G, D, scale=(K * G) ** -0.5),
+            randn(D, K * G, scale=D**-0.5),
+        ),
+        dense_params=(
+            randn(D, E * G, scale=D**-0.5),
+            randn(E * G, D, scale=(E * G) ** -0.5),
+            randn(D, E * G, scale=D**-0.5),
+        ),
     )
+
+
+def _dense(activation):
+    if activation == "swiglu":
+        return lambda x, a, b, c: (F.silu(x @ a) * (x @ c)) @ b
+    return lambda x, a, b: F.relu(x @ a) @ b
 
 
 def _grouped_mm_mlp(x, w1, w2, idx, gates):
@@ -68,19 +87,25 @@ def _grouped_mm_mlp(x, w1, w2, idx, gates):
     return ys[r.inverse_N].view(T, K, -1).sum(1)
 
 
-def _impls(inp, device, layouts=True):
+def _impls(inp, device, layouts=True, activation="relu"):
     x, w1, w2, idx, gates = (inp[k] for k in ("x", "w1", "w2", "idx", "gates"))
+    gated = activation == "swiglu"
+    n_dense = 3 if gated else 2
+
+    def fast(x, w1, w2, w3=None):
+        return moe_kernels.expert_mlp(x, w1, w2, idx, gates, activation, w3=w3)
+
     impls = {
-        "fast": lambda x, w1, w2: moe_kernels.expert_mlp(x, w1, w2, idx, gates, "relu"),
+        "fast": fast,
         "naive": lambda x, w1, w2: moe_kernels.expert_mlp_naive(x, w1, w2, idx, gates, "relu"),
-        "dense_flops": lambda x, a, b: F.relu(x @ a) @ b,
-        "dense_params": lambda x, a, b: F.relu(x @ a) @ b,
+        "dense_flops": _dense(activation),
+        "dense_params": _dense(activation),
     }
     weights = {
-        "fast": (w1, w2),
+        "fast": (w1, w2, inp["w3"]) if gated else (w1, w2),
         "naive": (w1, w2),
-        "dense_flops": inp["dense_flops"],
-        "dense_params": inp["dense_params"],
+        "dense_flops": inp["dense_flops"][:n_dense],
+        "dense_params": inp["dense_params"][:n_dense],
     }
     if device == "cpu" and layouts:
         for layout in ("grouped", "padded"):
@@ -114,18 +139,22 @@ def _fwd_bwd(fn, x, ws):
     return run
 
 
-def bench_shape(shape, dtype, device, repeats, skip=(), quick=False):
+def bench_shape(
+    shape, dtype, device, repeats, skip=(), quick=False, activation="relu", layouts=True
+):
     T, D, E, G, K = shape
     inp = _inputs(shape, dtype, device)
-    impls = {k: v for k, v in _impls(inp, device, not quick).items() if k not in skip}
+    impls = _impls(inp, device, layouts and not quick, activation)
+    impls = {k: v for k, v in impls.items() if k not in skip}
     fns = {}
     for name, (fn, ws) in impls.items():
         fns[(name, "fwd")] = _fwd(fn, inp["x"], ws)
         fns[(name, "fwd_bwd")] = _fwd_bwd(fn, inp["x"], ws)
     times = time_interleaved(fns, repeats, warmup=1 if quick else 2, device=device)
-    active = 4 * T * K * D * G  # two matmuls of 2 * T * K * D * G FLOPs each
+    n_mm = 3 if activation == "swiglu" else 2  # matmuls of 2 * T * K * D * G FLOPs each
+    active = n_mm * 2 * T * K * D * G
     flops = {name: active for name in impls}
-    flops["dense_params"] = 4 * T * E * D * G
+    flops["dense_params"] = n_mm * 2 * T * E * D * G
     rows = []
     floor = times[("dense_flops", "fwd_bwd")]["median_ms"]
     fast = times[("fast", "fwd_bwd")]["median_ms"]
@@ -136,6 +165,7 @@ def bench_shape(shape, dtype, device, repeats, skip=(), quick=False):
                 "device": device,
                 "dtype": str(dtype).removeprefix("torch."),
                 "shape (T,d,E,G,K)": str(shape),
+                "activation": activation,
                 "impl": name,
                 "fwd_ms": f["median_ms"],
                 "fwd_spread_ms": f"{f['min_ms']:.3g}-{f['max_ms']:.3g}",
@@ -162,6 +192,15 @@ def run(quick: bool) -> list[dict]:
                 T, D, E, G, K = shape
                 shape = (T // 16, D, E, G, K)
             rows += bench_shape(shape, torch.float32, "cpu", 1 if quick else 7, quick=quick)
+        for shape in FINE_GRAINED_SHAPES:
+            if quick:
+                T, D, E, G, K = shape
+                shape = (T // 16, D, E, G, K)
+            for activation in ("relu", "swiglu"):
+                rows += bench_shape(
+                    shape, torch.float32, "cpu", 1 if quick else 7, skip=("naive",),
+                    quick=quick, activation=activation, layouts=False,
+                )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():

@@ -6,12 +6,25 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from moe_kernels.expert_matmul import ops
 
 
 @pytest.mark.parametrize("backend", ["torch_grouped", "torch_padded"])
 @given(data=st.data())
 def test_torch_backends_match_reference(data, kt, backend):
     kt.check_mlp_case(data.draw(kt.cases()), backend)
+
+
+@pytest.mark.parametrize("backend", ["torch_grouped", "torch_padded"])
+@given(data=st.data())
+def test_token_chunks_match_reference(data, kt, backend):
+    """The torch backend's MLP in chunks of a few tokens (forward, and backward sorting each
+    chunk again and recomputing its hidden rows), as it runs at large T."""
+    case = data.draw(kt.cases())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "MIN_ROWS_PER_EXPERT", 0)
+        mp.setattr(ops, "CHUNK_ROWS", data.draw(st.integers(1, 3 * case.K)))
+        kt.check_mlp_case(case, backend)
 
 
 @given(data=st.data())
