@@ -177,7 +177,7 @@ class RunConfig:
         except (KeyError, TypeError, ValueError) as e:
             if missing:
                 raise CLIError(plugins_mod.not_imported(where, missing, offer_trust)) from None
-            raise CLIError(f"saved model config is not valid: {e}") from None
+            raise CLIError(f"{where}: saved model config is not valid: {e}") from None
         train = apply_train_overrides(TrainConfig(), d.get("train", {}), source="saved config")
         return cls(
             preset=d.get("preset", "custom"),
