@@ -50,8 +50,11 @@ def extend(window: Window | None, new_BL: Tensor, keep: int | None) -> tuple[Ten
     old = 0 if window is None else len(window)
     total = old + new_BL.shape[1]
     kept = total if keep is None else min(keep, total)
+    if old == 0:
+        # the first rows (a prompt): kept as they are, copied into room by the next call
+        return new_BL, Window(new_BL, total - kept, total, [total])
     if new_BL.requires_grad and torch.is_grad_enabled():
-        rows = new_BL if window is None or old == 0 else torch.cat([window.rows(), new_BL], 1)
+        rows = torch.cat([window.rows(), new_BL], 1)
         return rows, Window(rows, total - kept, total, [total])
     if not _writable(window, new_BL):
         # a fresh buffer with room for as many rows again as the window keeps
