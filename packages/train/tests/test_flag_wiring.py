@@ -106,7 +106,7 @@ def value_for(action: argparse.Action, command: str, run: Path, f: dict) -> list
     if action.choices:
         return [next(str(c) for c in action.choices if c != action.default)]
     kind = getattr(action.type, "__name__", "")
-    if action.type is int or kind in ("positive_int", "non_negative_int"):
+    if action.type is int or kind in ("positive_int", "non_negative_int", "seed_int"):
         return ["3" if action.default != 3 else "5"]
     if action.type is float or kind in ("positive_float", "top_p"):
         return ["0.5" if action.default != 0.5 else "0.25"]
