@@ -31,6 +31,10 @@ def build(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
         from moe_models.transformer_xl import TransformerXL
 
         return TransformerXL(cfg)
+    if cfg.arch == "moeut":
+        from moe_models.moeut import MoEUT
+
+        return MoEUT(cfg)
     if cfg.arch == "decoder":
         from moe_models.decoder import DecoderLM
 

@@ -4,7 +4,7 @@ A model config names its attention like its FFN: `attention = {"type": NAME, **o
 registered name, or a config instance); `moe_models.register_attention(name, config_cls)` adds a
 user's. The config class is a dataclass with a `d_model` field and a `build()`; the model fills
 the fields it owns (`registry.ATTENTION_MODEL_FIELDS`: d_model, n_layers, n_heads, d_head,
-attn_dropout, state_kind) where the class has them. A model calls its attention on the input of
+attn_dropout, state_kind, peri_norm) where the class has them. A model calls its attention on the input of
 the new tokens, x_BLD ([B, L, d_model], after the layer's norm where the architecture has one), and
 the attention is causal: new token i sees the earlier tokens and the new tokens 0..i. What it sees
 of earlier tokens is the generation state, of one of two kinds, `state_kinds` on the config class
@@ -306,6 +306,6 @@ for _name, _cls in BUILTIN_ATTENTIONS.items():
     register_attention(_name, _cls)
 
 # the attention an architecture gets when its config names none
-DEFAULT_ATTENTION = {"transformer_xl": "relative", "decoder": "causal"}
+DEFAULT_ATTENTION = {"transformer_xl": "relative", "decoder": "causal", "moeut": "switchhead"}
 # the kind of generation state each architecture keeps
-ARCH_STATE_KIND = {"transformer_xl": "memory", "decoder": "cache"}
+ARCH_STATE_KIND = {"transformer_xl": "memory", "decoder": "cache", "moeut": "memory"}

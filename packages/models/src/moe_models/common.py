@@ -74,8 +74,13 @@ class LanguageModel(nn.Module):
                 f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}"
             )
 
-    def finish(self, logits_BLV: Tensor, targets: Tensor | None, state=None) -> ModelOutput:
+    def finish(
+        self, logits_BLV: Tensor, targets: Tensor | None, state=None, aux_losses=None
+    ) -> ModelOutput:
+        """The output record; aux_losses: model-level auxiliary losses added to the layers'."""
         aux = collect_aux_losses(self)
+        if aux_losses:
+            aux = {**aux, **aux_losses}
         out = ModelOutput(
             logits=logits_BLV,
             aux_losses=aux,

@@ -30,7 +30,7 @@ from moe_models.registry import (
     ffn_name,
 )
 
-ARCHS = ("transformer_xl", "decoder", "smlp")
+ARCHS = ("transformer_xl", "decoder", "smlp", "moeut")
 POSITIONS = ("sinusoidal", "learned")
 SMLP_ROUTINGS = ("deterministic", "learned")
 MOE_PLACEMENTS = ("ffn", "standalone")
@@ -43,7 +43,10 @@ class ModelConfig:
     """One language model.
 
     arch: "transformer_xl" (relative positions, segment memory, pre-LN), "decoder" (pre-LN
-        Transformer with absolute positions, fairseq style) or "smlp" (sparse all-MLP).
+        Transformer with absolute positions, fairseq style), "smlp" (sparse all-MLP) or "moeut"
+        (shared layer groups with σ-MoE FFNs and SwitchHead attention, peri-layernorm, segment
+        memory; moe_models.moeut).
+    moeut_group_size: MoEUT's G, the distinct layers the model repeats n_layers / G times.
     seq_len: the training segment length (the XL unroll T; the decoder's and sMLP's context).
     mem_len: Transformer-XL memory length (None: seq_len, i.e. one previous segment).
     d_ff, activation: the dense FFN of the layers that are not MoE layers, and the defaults of
@@ -95,6 +98,7 @@ class ModelConfig:
     moe_placement: str = "ffn"
     n_moe_layers: int | None = None
     layer_ffn: dict[int, Any] = field(default_factory=dict)
+    moeut_group_size: int = 2
     smlp_d_ff: int = 0
     smlp_n_chunks: int = 4
     smlp_routing: str = "deterministic"
@@ -220,6 +224,7 @@ def _attention_fields(model: ModelConfig, cls) -> dict:
         "d_head": model.head_dim,
         "attn_dropout": model.attn_dropout,
         "state_kind": ARCH_STATE_KIND[model.arch],
+        "peri_norm": model.arch == "moeut",
     }
     names = {f.name for f in fields(cls)}
     return {key: values[key] for key in ATTENTION_MODEL_FIELDS if key in names}
@@ -361,7 +366,14 @@ def _check_model_fields(cfg: ModelConfig) -> None:
         raise ValueError(f"mem_len must be None or >= 0, got {cfg.mem_len!r}")
     if not isinstance(cfg.layer_ffn, dict):
         raise ValueError(f"layer_ffn must be a dict {{layer: ffn}}, got {cfg.layer_ffn!r}")
-    if cfg.arch in ("transformer_xl", "decoder"):
+    if cfg.arch == "moeut":
+        _positive_int(moeut_group_size=cfg.moeut_group_size)
+        if cfg.n_layers % cfg.moeut_group_size:
+            raise ValueError(
+                f"n_layers={cfg.n_layers} must be a multiple of moeut_group_size="
+                f"{cfg.moeut_group_size} (the group is repeated n_layers / G times)"
+            )
+    if cfg.arch in ("transformer_xl", "decoder", "moeut"):
         _positive_int(n_heads=cfg.n_heads)
         if cfg.d_head is None and cfg.d_model % cfg.n_heads:
             raise ValueError(

@@ -22,8 +22,16 @@ MODEL_FIELDS = ("d_model", "n_layers", "vocab_size")
 # the fields of an attention config its model fills: width, depth, heads, attention dropout and
 # the kind of generation state the architecture keeps ("memory": the Transformer-XL memory of
 # earlier layer inputs, which the model holds; "cache": a state the attention returns, e.g. a
-# key/value cache)
-ATTENTION_MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "d_head", "attn_dropout", "state_kind")
+# key/value cache) and whether it normalises its own query/key/selector inputs (MoEUT's peri-LN)
+ATTENTION_MODEL_FIELDS = (
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_head",
+    "attn_dropout",
+    "state_kind",
+    "peri_norm",
+)
 STATE_KINDS = ("memory", "cache")
 
 _REGISTRY: dict[str, type] = {}

@@ -50,6 +50,8 @@ def _on_meta(fn):
 
 def _ffn_layers(cfg: ModelConfig) -> list[int]:
     """Layers that hold an FFN (every layer, except the sMLP's gMLP blocks)."""
+    if cfg.arch == "moeut":
+        return list(range(cfg.moeut_group_size))  # the shared layers, once
     return [i for i in range(cfg.n_layers) if cfg.arch != "smlp" or cfg.is_moe_layer(i)]
 
 
@@ -163,6 +165,20 @@ def flops_per_token(model_or_config) -> int:
     like matrix entries (a negligible overcount); softmax and activations are left out."""
     cfg = _as_config(model_or_config)
     active = count_parameters(cfg)["active"]
+    if cfg.arch == "moeut":
+        # each token passes the shared layers n_layers / G times
+        repeats = cfg.n_layers // cfg.moeut_group_size
+        shared = sum(
+            p.numel() for name, p in _skeleton(cfg).named_parameters() if name.startswith("layers.")
+        )
+        stand_ins = sum(
+            _n_params(m.ffn) for m in _skeleton(cfg).modules() if isinstance(m, FFNBlock)
+        )
+        layer_active = (
+            shared - stand_ins + sum(_ffn_counts(cfg, i).active for i in _ffn_layers(cfg))
+        )
+        layer_active -= sum(c.total - c.active for c in _attention_counts(cfg))
+        active += (repeats - 1) * layer_active
     lookups = cfg.vocab_size * cfg.d_model
     if cfg.arch == "decoder" and cfg.positions == "learned":
         lookups += cfg.seq_len * cfg.d_model
