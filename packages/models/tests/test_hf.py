@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("moe_models.hf")
 
-FFN = {"transformer_xl": "sigma_moe", "decoder": "gshard", "smlp": "tmoe"}
+FFN = {"transformer_xl": "sigma_moe", "decoder": "gshard", "smlp": "tmoe", "moeut": "sigma_moe"}
 
 
 @pytest.fixture(scope="module", autouse=True)

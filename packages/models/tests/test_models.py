@@ -203,7 +203,9 @@ def test_odd_sizes_and_all_experts_selected(small, arch, length, seed, data):
     tokens = torch.randint(0, 37, (2, length), generator=torch.Generator().manual_seed(seed))
     out = model(tokens, tokens)
     out.loss.backward()
-    stats = [st_ for name, st_ in out.routing_stats.items() if "smoe" not in name]
+    stats = [
+        st_ for name, st_ in out.routing_stats.items() if "smoe" not in name and "attn" not in name
+    ]
     assert stats and all(s.expert_counts.tolist() == [2 * length] * 3 for s in stats)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     pos = data.draw(st.integers(0, length - 1), label="changed position")

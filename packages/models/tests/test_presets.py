@@ -80,7 +80,7 @@ def test_tiny_presets_build_and_run(name):
     assert out.logits.shape == (2, 8, 50)
     assert torch.isfinite(out.loss)
     assert (out.state is not None) == model.carries_state
-    assert model.carries_state == (model.arch == "transformer_xl")
+    assert model.carries_state == (model.arch in ("transformer_xl", "moeut"))
 
 
 def test_overrides_switch_the_ffn_and_set_nested_options():
