@@ -49,6 +49,7 @@ BUDGETS = {
     "compile": 75,
     "generate": 120,
     "bench": 150,
+    "fsdp2": 60,
 }
 GPU_SHAPES = [
     (32768, 512, 128, 128, 4),
@@ -565,6 +566,76 @@ def section_bench(rep: Report, smoke: bool) -> None:
         rep.add(check, status, detail=f"{ours:.3g} ms vs {theirs:.3g} ms ({theirs / ours:.2f}x)")
 
 
+# ---- fsdp2 ----
+
+
+def _fsdp2_step(smoke: bool):
+    """One training step of sigma-moe-wt103-small (tiny-sigma-moe in the smoke run) under
+    moe-train's FSDP2 path on one GPU (bf16 parameters, fp32 reduction) against today's 1-process
+    path (fp32 weights under bf16 autocast), interleaved; peak memory of each."""
+    import copy
+
+    import moe_models
+    import torch.distributed as dist
+    from moe_train.config import TrainConfig
+    from moe_train.parallelize import Layout, apply_fsdp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cpu" if smoke else "cuda"
+    preset = "tiny-sigma-moe" if smoke else "sigma-moe-wt103-small"
+    if not dist.is_initialized():
+        store = dist.HashStore()
+        dist.init_process_group("gloo" if smoke else "nccl", store=store, rank=0, world_size=1)
+    torch.manual_seed(0)
+    plain = moe_models.build(preset).to(device).train()
+    cfg = plain.config
+    sharded = copy.deepcopy(plain)
+    mesh = init_device_mesh(device, (1, 1, 1), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
+    mesh["efsdp", "ep"]._flatten("dp_shard")
+    layout = Layout(1, 1, 1)
+    train = TrainConfig(param_dtype="bf16", reduce_dtype="fp32")
+    apply_fsdp(sharded, mesh, layout, train)
+    tokens = torch.randint(0, cfg.vocab_size, (4 if smoke else 16, cfg.seq_len + 1), device=device)
+    optimizers = {
+        "today (autocast bf16)": torch.optim.AdamW(plain.parameters(), lr=1e-4),
+        "fsdp2 bf16": torch.optim.AdamW(sharded.parameters(), lr=1e-4),
+    }
+    peaks = {}
+
+    def stepper(name, model, autocast):
+        def step():
+            ctx = torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            with ctx:
+                out = model(tokens[:, :-1], tokens[:, 1:])
+            out.loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if device == "cuda":
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+            return out.loss
+
+        return step
+
+    ms = _time_cuda(
+        {
+            "today (autocast bf16)": stepper("today (autocast bf16)", plain, True),
+            "fsdp2 bf16": stepper("fsdp2 bf16", sharded, False),
+        },
+        repeats=2 if smoke else 10,
+        device=device,
+    )
+    return "; ".join(
+        f"{name}: {t:.1f} ms/step" + (f", peak {peaks[name]:.2f} GiB" if name in peaks else "")
+        for name, t in ms.items()
+    )
+
+
+def section_fsdp2(rep: Report, smoke: bool) -> None:
+    rep.run("sigma-moe-wt103-small step: FSDP2 bf16 vs today", _fsdp2_step, smoke)
+
+
 SECTIONS = {
     "kernels": section_kernels,
     "cupy": section_cupy,
@@ -573,6 +644,7 @@ SECTIONS = {
     "compile": section_compile,
     "generate": section_generate,
     "bench": section_bench,
+    "fsdp2": section_fsdp2,
 }
 
 

@@ -1,6 +1,8 @@
-"""Checkpoint files: atomic replacement, pruning, validation and RNG state round trips."""
+"""Checkpoint folders: complete or absent, pruning, validation and RNG state round trips."""
 
+import io
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,49 +21,60 @@ def payload(step: int) -> dict:
     }
 
 
-def test_save_then_load_round_trip_and_latest(tmp_path):
+def test_save_then_load_round_trip_latest_and_best(tmp_path):
     manager = ckpt.CheckpointManager(tmp_path / "checkpoints", keep_last=2)
     for step in (1, 2, 3):
         manager.save(payload(step), step, is_best=step == 2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["best.pt", "step-00000002.pt", "step-00000003.pt"]
+    assert names == ["best", "step-00000002", "step-00000003"]
     latest = ckpt.load(tmp_path)
     assert latest["step"] == 3 and torch.equal(latest["model"]["w"], torch.full((3,), 3.0))
-    assert ckpt.load(tmp_path / "checkpoints" / "best.pt")["step"] == 2
+    best = ckpt.load(tmp_path / "checkpoints" / "best")
+    assert best["step"] == 2 and torch.equal(best["model"]["w"], torch.full((3,), 2.0))
+    # best shares the step folder's files (hard links), it is no second copy
+    step2 = tmp_path / "checkpoints" / "step-00000002" / ckpt.META
+    assert (tmp_path / "checkpoints" / "best" / ckpt.META).stat().st_ino == step2.stat().st_ino
+    assert ckpt.load(tmp_path, tensors=False).keys() >= {"run_config", "step", "path"}
+    assert "model" not in ckpt.load(tmp_path, tensors=False)
 
 
-def test_interrupted_save_keeps_the_previous_file_intact(tmp_path, monkeypatch):
-    path = tmp_path / "c.pt"
-    ckpt.atomic_save({"format": ckpt.FORMAT, "version": ckpt.VERSION, **payload(1)}, path)
-    before = path.read_bytes()
-    real_save = torch.save
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
+    manager = ckpt.CheckpointManager(tmp_path / "checkpoints", keep_last=5)
+    manager.save(payload(1), 1)
+    real_save = ckpt.dcp.save
 
-    def dying_save(obj, f):
-        real_save(obj, f)
-        f.truncate(10)  # half-written file, then the process "dies"
+    def dying_save(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        for f in Path(checkpoint_id).iterdir():
+            f.write_bytes(f.read_bytes()[:10])  # half-written shards, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(ckpt.dcp, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_save({"format": ckpt.FORMAT, "version": ckpt.VERSION, **payload(2)}, path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
-    assert ckpt.load(path)["step"] == 1
+        manager.save(payload(2), 2)
+    monkeypatch.undo()
+    assert ckpt.latest(tmp_path).name == "step-00000001"
+    assert ckpt.load(tmp_path)["step"] == 1
+    manager.save(payload(3), 3)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000001", "step-00000003"]
 
 
-def test_stray_temporary_files_are_not_checkpoints_and_get_cleaned(tmp_path):
+def test_stray_temporary_folders_are_not_checkpoints_and_get_cleaned(tmp_path):
     d = tmp_path / "checkpoints"
-    d.mkdir()
-    (d / f"{ckpt.TMP_PREFIX}abc.pt").write_bytes(b"partial")
+    (d / f"{ckpt.TMP_PREFIX}step-00000009").mkdir(parents=True)
+    (d / f"{ckpt.TMP_PREFIX}step-00000009" / ckpt.META).write_bytes(b"partial")
     assert ckpt.latest(tmp_path) is None
     ckpt.CheckpointManager(d, keep_last=1).save(payload(5), 5)
-    assert sorted(p.name for p in d.iterdir()) == ["step-00000005.pt"]
+    assert sorted(p.name for p in d.iterdir()) == ["step-00000005"]
 
 
+@pytest.mark.parametrize("part", [ckpt.META, ckpt.DCP_METADATA, "__0_0.distcp"])
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign"])
-def test_damaged_or_foreign_files_are_one_line_errors_naming_the_file(tmp_path, damage):
-    path = tmp_path / "checkpoints" / "step-00000001.pt"
-    ckpt.CheckpointManager(path.parent, keep_last=1).save(payload(1), 1)
+def test_damaged_or_foreign_folders_are_one_line_errors_naming_them(tmp_path, damage, part):
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    ckpt.CheckpointManager(folder.parent, keep_last=1).save(payload(1), 1)
+    path = folder / part
     data = path.read_bytes()
     if damage == "garbage":
         path.write_bytes(b"not a checkpoint at all" * 10)
@@ -70,16 +83,31 @@ def test_damaged_or_foreign_files_are_one_line_errors_naming_the_file(tmp_path, 
     elif damage == "empty":
         path.write_bytes(b"")
     else:
-        torch.save({"weights": torch.zeros(2)}, path)
+        foreign = io.BytesIO()
+        torch.save({"weights": torch.zeros(2)}, foreign)
+        path.write_bytes(foreign.getvalue())
     with pytest.raises(CLIError) as info:
-        ckpt.load(path)
+        ckpt.load(folder)
     message = str(info.value)
-    assert str(path) in message and "\n" not in message
+    assert str(folder) in message and "\n" not in message
+
+
+def test_a_file_of_the_old_format_is_a_one_line_error(tmp_path):
+    old = tmp_path / "step-00000001.pt"
+    torch.save({"format": ckpt.FORMAT, "version": 2}, old)
+    with pytest.raises(CLIError, match="checkpoints are folders"):
+        ckpt.load(old)
+
+
+def test_write_makes_a_one_process_checkpoint_folder(tmp_path):
+    path = ckpt.write(payload(4), tmp_path / "made")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made"]
+    assert ckpt.load(path)["step"] == 4
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
-    with pytest.raises(CLIError, match="nope.pt"):
-        ckpt.load(tmp_path / "nope.pt")
+    with pytest.raises(CLIError, match="nope"):
+        ckpt.load(tmp_path / "nope")
     with pytest.raises(CLIError, match="no checkpoint"):
         ckpt.load(tmp_path)
 

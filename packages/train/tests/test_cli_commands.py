@@ -45,7 +45,7 @@ def test_eval_prints_and_writes_valid_and_test_metrics(cli, run_dir, tmp_path):
     rc, stdout, err = cli("eval", run_dir, "--max-batches", "2", "--batch-size", "4", "--out", out)
     assert rc == 0, err
     record = json.loads(out.read_text())
-    assert record["step"] == 4 and record["checkpoint"].endswith("step-00000004.pt")
+    assert record["step"] == 4 and record["checkpoint"].endswith("step-00000004")
     for split in ("valid", "test"):
         assert record[f"{split}_bpc"] == pytest.approx(record[f"{split}_loss"] / math.log(2))
         assert f"{split}: loss" in stdout
@@ -56,7 +56,7 @@ def test_eval_with_memory_matches_the_training_time_final_evaluation(cli, run_di
     out = tmp_path / "eval.json"
     rc, _, err = cli(
         "eval",
-        run_dir / "checkpoints" / "best.pt",
+        run_dir / "checkpoints" / "best",
         "--max-batches",
         "2",
         "--batch-size",

@@ -1,5 +1,7 @@
 """Every kind of bad input is one `error: ...` line on stderr and exit code 2, never a traceback."""
 
+import shutil
+
 import pytest
 import torch
 from moe_train import checkpoint as ckpt
@@ -77,23 +79,24 @@ def test_corrupt_data_file(cli, tmp_path):
 
 def test_resume_with_another_architecture_names_the_checkpoint(cli, gshard_run):
     rc, _, err = cli("train", "--preset", "tiny-sigma-moe", "--out", gshard_run, "--resume")
-    cli.assert_one_line_error(rc, err, "step-00000002.pt", "decoder", "transformer_xl")
+    cli.assert_one_line_error(rc, err, "step-00000002", "decoder", "transformer_xl")
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config(cli, gshard_run, tmp_path):
     payload = ckpt.load(gshard_run)
     payload["run_config"]["model"]["arch"] = "transformer_xl"
-    forged = tmp_path / "forged.pt"
-    ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, forged)
+    forged = ckpt.write(payload, tmp_path / "forged")
     rc, _, err = cli("eval", forged, "--max-batches", "1")
     cli.assert_one_line_error(rc, err, str(forged))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_checkpoint_names_the_file(cli, gshard_run, tmp_path, damage):
-    source = ckpt.latest(gshard_run).read_bytes()
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(source[: len(source) // 3] if damage == "truncated" else b"\x00garbage" * 99)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt.latest(gshard_run), bad)
+    for path in bad.iterdir():
+        source = path.read_bytes()
+        path.write_bytes(source[: len(source) // 3] if damage == "truncated" else b"\x00bad" * 9)
     for command in ("eval", "prime"):
         extra = ["--task", "x.jsonl"] if command == "prime" else []
         rc, _, err = cli(command, bad, *extra)
@@ -106,7 +109,8 @@ def test_corrupt_latest_checkpoint_on_resume(cli, gshard_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(gshard_run, run)
     latest = ckpt.latest(run)
-    latest.write_bytes(latest.read_bytes()[:100])
+    meta = latest / ckpt.META
+    meta.write_bytes(meta.read_bytes()[:100])
     rc, _, err = cli("train", "--out", run, "--resume")
     cli.assert_one_line_error(rc, err, str(latest))
 

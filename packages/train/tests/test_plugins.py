@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from moe_train import checkpoint
 
 PLUGIN = Path(__file__).with_name("toy_plugin.py")
 
@@ -17,7 +17,7 @@ def test_a_plugin_layer_trains_evaluates_and_resumes(cli, tmp_path):
     saved = json.loads((run / "config.json").read_text())
     assert saved["plugins"] == [str(PLUGIN.resolve())]
     assert saved["model"]["ffn"] == {"type": "toy", "width": 12, "l2_weight": 0.1}
-    ckpt = torch.load(run / "checkpoints" / "step-00000002.pt", weights_only=True)
+    ckpt = checkpoint.load(run / "checkpoints" / "step-00000002")
     assert ckpt["model"]["layers.0.ffn.ffn.w1.weight"].shape == (12, 32)
     # this process imported the plugin already: resume and eval run no code of it again
     rc, _, err = cli("train", "--out", run, "--resume", "--no-progress", "--no-tensorboard")

@@ -66,7 +66,7 @@ def test_overwrite_deletes_the_earlier_history_first(cli, tmp_path):
     assert rc == 0, err
     assert "--overwrite: deleted" in err and "checkpoints/" in err
     assert sorted(cli.losses(run)) == [1, 2]
-    assert [p.name for _, p in ckpt.step_files(run / "checkpoints")] == ["step-00000002.pt"]
+    assert [p.name for _, p in ckpt.step_files(run / "checkpoints")] == ["step-00000002"]
     assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 2
     assert (run / "notes.txt").read_text() == "mine\n"
 
@@ -79,13 +79,14 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_checkpoints(
     real_fdopen = ckpt.os.fdopen
 
     class FullDisk:
-        """The second checkpoint file fills the disk after its first kilobyte."""
+        """The second checkpoint's first file fills the disk after its first kilobyte."""
 
         def __init__(self, f):
             self.f = f
 
         def write(self, data):
-            if len(opened) > 1 and self.f.tell() + len(data) > 1000:
+            # the first checkpoint writes two files (its meta and the rank's own part)
+            if len(opened) > 2 and self.f.tell() + len(data) > 1000:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(data)
 
@@ -106,10 +107,10 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_checkpoints(
 
     monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
     rc, _, err = cli.train(run, "--max-steps", "6", "train.save_interval=2", "train.keep_last=1")
-    cli.assert_one_line_error(rc, err, "No space left on device", "step-00000004.pt", "intact")
+    cli.assert_one_line_error(rc, err, "No space left on device", "step-00000004", "intact")
     assert rc == 2
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert files == ["step-00000002.pt"]
+    assert files == ["step-00000002"]
     assert ckpt.load(run)["step"] == 2
     monkeypatch.undo()
     rc, _, err = cli("train", "--out", run, "--resume", "--no-progress", "--no-tensorboard")
@@ -122,13 +123,14 @@ def test_resume_skips_a_truncated_newest_checkpoint(cli, tmp_path):
     common = ["--max-steps", "6", "train.save_interval=2", "dropout=0.1"]
     assert cli.train(straight, *common)[0] == 0
     assert cli.train(run, *common, "--stop-at", "4")[0] == 0
-    newest = run / "checkpoints" / "step-00000004.pt"
-    newest.write_bytes(newest.read_bytes()[:1000])
+    newest = run / "checkpoints" / "step-00000004"
+    meta = newest / ckpt.META
+    meta.write_bytes(meta.read_bytes()[:1000])
     rc, _, err = cli("train", "--out", run, "--resume", "--no-progress", "--no-tensorboard")
     assert rc == 0, err
     note = [line for line in err.splitlines() if line.startswith("note: --resume skips")]
     assert len(note) == 1 and str(newest) in note[0] and "corrupt or truncated" in note[0]
-    assert (run / "checkpoints" / "step-00000004.pt.unreadable").exists()
+    assert (run / "checkpoints" / "step-00000004.unreadable").exists()
     assert cli.losses(run) == cli.losses(straight)
 
 
@@ -175,7 +177,7 @@ def test_a_non_finite_step_stops_the_run_before_anything_of_it_is_saved(cli, tmp
     argv = ["--plugin", POISON, "ffn=poison", "ffn.at_call=3", f"ffn.poison={poison}"]
     argv += ["--max-steps", "8", "train.save_interval=2", "train.log_interval=2"]
     rc, _, err = cli.train(run, *argv, preset="tiny-dense")
-    good = run / "checkpoints" / "step-00000002.pt"
+    good = run / "checkpoints" / "step-00000002"
     cli.assert_one_line_error(rc, err, "not finite at step 3", "found at step 4", str(good))
     assert rc == 2
     assert [p.name for _, p in ckpt.step_files(run / "checkpoints")] == [good.name]

@@ -22,7 +22,7 @@ from moe_layers.base_layer import BaseLayer, balanced_assignment
 from moe_layers.dense import DenseFFN
 from moe_layers.gshard import GShardMoE
 from moe_layers.hash_layer import HashLayer
-from moe_layers.parallel import ExpertParallel, expert_parameter_names
+from moe_layers.parallel import ShardedExperts, shard_experts, sharded_experts
 from moe_layers.pkm import PKM
 from moe_layers.router import TopKRouter
 from moe_layers.sbase import SBaseMoE
@@ -39,7 +39,6 @@ __all__ = [
     "BaseLayer",
     "CausalSGU",
     "DenseFFN",
-    "ExpertParallel",
     "ExpertSizes",
     "Experts",
     "ExpertsConfig",
@@ -55,6 +54,7 @@ __all__ = [
     "RoutingStats",
     "SBaseMoE",
     "SMoE",
+    "ShardedExperts",
     "SigmaMoE",
     "SwitchHead",
     "SwitchMoE",
@@ -67,5 +67,6 @@ __all__ = [
     "balanced_assignment",
     "collect_aux_losses",
     "collect_routing_stats",
-    "expert_parameter_names",
+    "shard_experts",
+    "sharded_experts",
 ]

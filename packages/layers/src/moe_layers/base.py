@@ -573,15 +573,24 @@ class Experts(nn.Module):
         return shapes
 
     def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        return self.mlp(x_TD, idx_TK, gates_TK, {n: getattr(self, n) for n in self._parameters})
+
+    def mlp(
+        self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor, weights: dict[str, Tensor]
+    ) -> Tensor:
+        """The experts of `weights` (w1, w2 and the others of `weight_shapes`: this module's, or
+        an expert-parallel shard of them, whose idx_TK index the shard) on x_TD."""
         p = self.hidden_dropout if self.training else 0.0
         # autocast does not reach inside the expert kernels: cast to its dtype here, so that under
         # bf16/fp16 autocast the experts run in low precision like any matmul of the model
         dtype = compute_dtype(x_TD)
         x_TD, gates_TK = x_TD.to(dtype), gates_TK.to(dtype)
-        w1_EDG, w2_EGD = self.w1.to(dtype), self.w2.to(dtype)
+        w1_EDG, w2_EGD = weights["w1"].to(dtype), weights["w2"].to(dtype)
         gated = self.activation in GATED_ACTIVATIONS
-        w3_EDG = self.w3.to(dtype) if gated else None
-        b1_EG, b2_ED = (self.b1.to(dtype), self.b2.to(dtype)) if self.bias else (None, None)
+        w3_EDG = weights["w3"].to(dtype) if gated else None
+        b1_EG, b2_ED = (
+            (weights["b1"].to(dtype), weights["b2"].to(dtype)) if self.bias else (None, None)
+        )
         if self.impl == "reference":
             return reference_expert_mlp(
                 x_TD, w1_EDG, w2_EGD, idx_TK, gates_TK, self.activation, p, w3_EDG, b1_EG, b2_ED
@@ -746,8 +755,8 @@ class RoutedMoE(MoEModule):
     recorded; y = experts(expert_inputs(x_TD, routing), routing.idx_TK, routing.gates_TK), where
     `expert_inputs` is x_TD unless a layer transforms what its experts see (BaseLayer's
     per-expert LayerNorm). A layer whose router needs more than the tokens (SBaseMoE's, the
-    sequences) calls it in its own `forward_batch` and then `apply_routing`. `ExpertParallel`
-    shards `experts` across ranks.
+    sequences) calls it in its own `forward_batch` and then `apply_routing`. `shard_experts`
+    (moe_layers.parallel) shards `experts` over an expert mesh.
     """
 
     Config: ClassVar[type[ExpertsConfig] | None] = None

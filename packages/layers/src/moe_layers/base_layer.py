@@ -226,7 +226,7 @@ class BaseLayer(RoutedMoE):
     expert_bias: False (default) or True: the experts have biases, FFN_e(h) = act(h w1_e + b1_e)
         w2_e + b2_e, as fairseq's, initialised as a Linear's: b1 ~ U(±1/sqrt(d_model)),
         b2 ~ U(±1/sqrt(G)). (fairseq's weights are a Linear's too, U(±1/sqrt(fan_in)); these
-        keep the init above.) ExpertParallel does not shard experts with biases.
+        keep the init above.) `shard_experts` shards the biases with their experts.
     fairseq's BASE block: expert_norm=True, expert_bias=True, zero_init_output=True, placed with
         moe_models' moe_placement="standalone" and n_moe_layers.
 

@@ -1,25 +1,39 @@
-"""Expert parallelism: the experts of a routed layer sharded over the ranks of a process group.
+"""Expert parallelism: the experts of a routed layer sharded over an expert mesh, the tokens
+exchanged by a dispatcher beside them.
 
-Each rank keeps experts [rank * E/W, (rank + 1) * E/W) of the layer's `experts` (w1 and w2) and
-routes its own tokens as before; the (token, slot) rows are sent with a variable-size all_to_all to the rank owning their
-expert, run through the local expert MLP there and sent back the same way, where the gates are
-applied. The exchange is an autograd Function whose backward is the reverse all_to_all, so
-gradients reach the inputs, the gate and the remote experts exactly.
+`shard_experts(layer, ep_mesh)` replaces `layer.experts` (an `Experts`) in place by
+`ShardedExperts`: its weights (w1 [E, D, G], w2 [E, G, D], and w3, b1, b2 where the experts have
+them) become DTensor parameters placed `Shard(0)` over the 1-D `ep_mesh` (rank r of W holds
+experts [r * E/W, (r + 1) * E/W)), with the names and
+global shapes of the unsharded layer, so that `torch.distributed.checkpoint` saves and reshards
+them like any parameter. The routed layer itself is untouched: it routes its own tokens and calls
+`self.experts(x_TD, idx_TK, gates_TK)` as before, so every RoutedMoE (σ-MoE, Switch with capacity
+drops, S-BASE, GShard, BASE, HASH, tMoE, and the layers users register) runs under expert
+parallelism without knowing it.
 
-Uses `torch.distributed.all_to_all_single` with uneven split sizes, which the gloo backend supports
-on CPU tensors (and NCCL on CUDA ones).
+The exchange is `AllToAllDispatcher`: `dispatch` sends each (token, slot) row to the rank that
+holds its expert (sorted by expert, one variable-size `all_to_all_single` over the expert mesh),
+the local experts run on what arrived, and `combine` sends the results back and applies the gates
+where the tokens live. Both are differentiable (the backward of an all-to-all is the reverse
+all-to-all), so gradients reach the inputs, the gates and the experts exactly: an expert's gradient
+is the sum over the ranks' tokens routed to it. The split sizes must cross to the host, so under
+`torch.compile` `dispatch` and `combine` are the layer's two graph breaks; the expert MLP between
+them compiles.
+
+gloo (CPU) and NCCL (CUDA) both support `all_to_all_single` with uneven splits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moe_layers.base import Experts, RoutedMoE
-
-# names in the layer's state dict of the parameters that are sharded
-EXPERT_PARAMETERS = ("experts.w1", "experts.w2")
 
 
 class AllToAll(torch.autograd.Function):
@@ -42,31 +56,30 @@ class AllToAll(torch.autograd.Function):
         return grad_ND, None, None, None
 
 
-class ShardedExperts(Experts):
-    """This rank's share of an Experts module: local experts [rank * L, (rank + 1) * L), L = E/W.
+@dataclass
+class Exchange:
+    """What `combine` needs to undo a `dispatch`: the sort order of the (token, slot) rows, their
+    tokens, the split sizes of both directions and the number of tokens."""
 
-    Called as the Experts it replaces, with the global expert indices: the (token, slot) rows are
-    sent to the ranks owning their experts, run through the local experts there and sent back.
-    w1 [L, D, G], w2 [L, G, D]; n_experts stays E (the indices the router gives), n_local is L.
-    """
+    order_N: Tensor
+    tok_N: Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    n_tokens: int
 
-    def __init__(self, experts: Experts, group, rank: int, world_size: int) -> None:
-        n_local = experts.n_experts // world_size
-        super().__init__(
-            experts.d_model,
-            n_local,
-            experts.expert_size,
-            activation=experts.activation,
-            hidden_dropout=experts.hidden_dropout,
-            impl=experts.impl,
-        )
-        self.group, self.world_size, self.n_local = group, world_size, n_local
-        self.n_experts = experts.n_experts
-        local = slice(rank * n_local, (rank + 1) * n_local)
-        self.w1 = nn.Parameter(experts.w1.detach()[local].clone())
-        self.w2 = nn.Parameter(experts.w2.detach()[local].clone())
 
-    def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+class AllToAllDispatcher:
+    """The token exchange over a process group of W ranks, each holding E/W experts."""
+
+    def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.n_experts = n_experts
+        self.n_local = n_experts // self.world_size
+
+    @torch.compiler.disable
+    def dispatch(self, x_TD: Tensor, idx_TK: Tensor) -> tuple[Tensor, Tensor, Exchange]:
+        """(rows received for this rank's experts, their local expert index [M, 1], exchange)."""
         n_tokens, k = idx_TK.shape
         flat_N = idx_TK.reshape(-1)
         order_N = torch.argsort(flat_N, stable=True)
@@ -84,114 +97,69 @@ class ShardedExperts(Experts):
             torch.arange(self.n_local, device=x_TD.device).repeat(self.world_size),
             recv_counts_WL.flatten().to(x_TD.device),
         )[:, None]
-        ones_M1 = recv_MD.new_ones(local_M1.shape)
-        out_MD = super().forward(recv_MD, local_M1, ones_M1)
-        back_ND = AllToAll.apply(out_MD, send_splits, recv_splits, self.group)
-        gated_ND = back_ND * gates_TK.reshape(-1)[order_N, None].to(back_ND.dtype)
-        # the experts' dtype, which autocast may have lowered below x's
-        return gated_ND.new_zeros(n_tokens, x_TD.shape[-1]).index_add(0, tok_N, gated_ND)
+        return recv_MD, local_M1, Exchange(order_N, tok_N, send_splits, recv_splits, n_tokens)
+
+    @torch.compiler.disable
+    def combine(self, out_MD: Tensor, gates_TK: Tensor, ex: Exchange) -> Tensor:
+        """The expert outputs back on their tokens' ranks, gated and summed per token."""
+        back_ND = AllToAll.apply(out_MD, ex.send_splits, ex.recv_splits, self.group)
+        gated_ND = back_ND * gates_TK.reshape(-1)[ex.order_N, None].to(back_ND.dtype)
+        # the experts' dtype, which autocast may have lowered below the input's
+        y_TD = gated_ND.new_zeros(ex.n_tokens, out_MD.shape[-1])
+        return y_TD.index_add(0, ex.tok_N, gated_ND)
 
 
-class ExpertParallel(nn.Module):
-    """Wraps a RoutedMoE layer (GShardMoE, BaseLayer, HashLayer, TMoE, SigmaMoE, ...) so that
-    each rank of `process_group` (default: the world) holds and runs only its share of the experts.
+class ShardedExperts(Experts):
+    """An Experts module whose weights are DTensors placed Shard(0) over an expert mesh.
 
-    Call it as the layer: `ep(x, **kwargs)` runs `layer(x, **kwargs)` on this rank's tokens (routing,
-    capacity and auxiliary losses stay local to the rank, as in fairseq). Every rank must call
-    forward and backward of the layer the same number of times (the exchanges are collectives).
-
-    Parameters: `layer.experts` becomes a ShardedExperts, whose w1 and w2 are this rank's shard
-    [E/W, ...]; the dense ones (router.gate) stay whole and replicated: give them to
-    DistributedDataParallel and keep the expert shards out of its gradient averaging
-    (`expert_parameter_names(model)` lists them, e.g. for
-    `DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`). An expert's gradient
-    is the sum over ranks of each rank's loss gradient; `average_expert_grads=True` divides it by
-    W so that it matches DDP's averaging of the dense gradients.
-
-    The shard is cut from the layer's weights at wrapping, so build the layer from the same seed on
-    every rank or call `load_full_state_dict` afterwards. `full_state_dict()` gathers the whole
-    layer back (keys of the unwrapped layer: EXPERT_PARAMETERS are "experts.w1", "experts.w2"), so
-    checkpoints move between world sizes.
+    Called as the Experts it replaces, with the global expert indices. n_experts stays E (what
+    the router gives); n_local is this rank's E/W.
     """
 
-    def __init__(
-        self,
-        layer: RoutedMoE,
-        process_group: dist.ProcessGroup | None = None,
-        *,
-        average_expert_grads: bool = False,
-    ) -> None:
-        super().__init__()
-        if not isinstance(layer, RoutedMoE):
-            raise ValueError(f"ExpertParallel wraps a RoutedMoE layer, got {type(layer).__name__}")
-        if type(layer.experts) is not Experts:
-            raise ValueError(
-                f"ExpertParallel shards an Experts module, got {type(layer.experts).__name__}"
-            )
-        weights = sorted(name for name, _ in layer.experts.named_parameters())
-        if weights != ["w1", "w2"]:
-            raise ValueError(
-                f"ExpertParallel shards experts of weights w1 and w2, got {', '.join(weights)} "
-                f"(activation {layer.experts.activation!r})"
-            )
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(
-                "ExpertParallel needs an initialised torch.distributed process group "
-                "(call torch.distributed.init_process_group first)"
-            )
-        self.group = process_group
-        self.world_size = dist.get_world_size(process_group)
-        self.rank = dist.get_rank(process_group)
-        self.n_experts = layer.experts.n_experts
-        if self.n_experts % self.world_size:
-            raise ValueError(
-                f"n_experts={self.n_experts} must be divisible by the process group's world size "
-                f"{self.world_size}"
-            )
-        self.n_local = self.n_experts // self.world_size
-        layer.experts = ShardedExperts(layer.experts, process_group, self.rank, self.world_size)
-        if average_expert_grads:
-            for name in EXPERT_PARAMETERS:
-                layer.get_parameter(name).register_hook(lambda g: g / self.world_size)
-        self.layer = layer
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh) -> None:
+        nn.Module.__init__(self)
+        self.d_model, self.n_experts = experts.d_model, experts.n_experts
+        self.expert_size, self.activation = experts.expert_size, experts.activation
+        self.hidden_dropout, self.impl = experts.hidden_dropout, experts.impl
+        self.bias = experts.bias
+        self.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), experts.n_experts)
+        self.n_local = self.dispatcher.n_local
+        # every expert weight is [E, ...]; scattered from the mesh's first rank, so that every
+        # rank starts from the same experts
+        for name, weight in experts.named_parameters(recurse=False):
+            shard = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)])
+            self.register_parameter(name, nn.Parameter(shard))
 
-    def forward(self, *args, **kwargs):
-        return self.layer(*args, **kwargs)
-
-    def load_full_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True):
-        """Loads an unsharded state dict of the layer (as `layer.state_dict()` of the unwrapped
-        layer), keeping this rank's experts."""
-        sharded = dict(state_dict)
-        local = slice(self.rank * self.n_local, (self.rank + 1) * self.n_local)
-        for name in EXPERT_PARAMETERS:
-            if name not in sharded:
-                if strict:
-                    raise ValueError(f"state_dict has no {name!r} (the layer's experts)")
-                continue
-            if sharded[name].shape[0] != self.n_experts:
-                raise ValueError(
-                    f"state_dict[{name!r}] holds {sharded[name].shape[0]} experts; this layer has "
-                    f"{self.n_experts}"
-                )
-            sharded[name] = sharded[name][local]
-        return self.layer.load_state_dict(sharded, strict=strict)
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The unsharded state dict of the layer, gathered from all ranks (a collective)."""
-        state = self.layer.state_dict()
-        for name in EXPERT_PARAMETERS:
-            shard = state[name].contiguous()
-            parts = [torch.empty_like(shard) for _ in range(self.world_size)]
-            dist.all_gather(parts, shard, group=self.group)
-            state[name] = torch.cat(parts)
-        return state
+    def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        recv_MD, local_M1, ex = self.dispatcher.dispatch(x_TD, idx_TK)
+        weights = {name: _local(getattr(self, name)) for name in self._parameters}
+        # the gates are applied where the tokens live (combine), to the whole expert output
+        out_MD = self.mlp(recv_MD, local_M1, recv_MD.new_ones(local_M1.shape), weights)
+        return self.dispatcher.combine(out_MD, gates_TK, ex)
 
 
-def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Qualified names of the sharded expert parameters of every ExpertParallel in `model`."""
-    return [
-        f"{prefix}.layer.{name}" if prefix else f"layer.{name}"
-        for prefix, m in model.named_modules()
-        if isinstance(m, ExpertParallel)
-        for name in EXPERT_PARAMETERS
-    ]
+def _local(w: Tensor) -> Tensor:
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+def shard_experts(layer: RoutedMoE, ep_mesh: DeviceMesh) -> ShardedExperts:
+    """Shard `layer.experts` over the 1-D `ep_mesh` in place (see the module docstring); returns
+    the new experts module. A ValueError when the experts do not divide over the mesh."""
+    if not isinstance(layer, RoutedMoE):
+        raise ValueError(f"shard_experts takes a RoutedMoE layer, got {type(layer).__name__}")
+    if type(layer.experts) is not Experts:
+        raise ValueError(
+            f"shard_experts shards an Experts module, got {type(layer.experts).__name__}"
+        )
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"the expert mesh must be 1-D, got {ep_mesh.ndim} dimensions")
+    n_experts, size = layer.experts.n_experts, ep_mesh.size()
+    if n_experts % size:
+        raise ValueError(f"{n_experts} experts do not divide over an expert mesh of {size} ranks")
+    layer.experts = ShardedExperts(layer.experts, ep_mesh)
+    return layer.experts
+
+
+def sharded_experts(model: nn.Module) -> list[ShardedExperts]:
+    """Every ShardedExperts module of `model`."""
+    return [m for m in model.modules() if isinstance(m, ShardedExperts)]

@@ -1,13 +1,22 @@
-"""Checkpoints: atomic writes, the last N plus the best kept, validated loading.
+"""Checkpoints: folders of torch.distributed.checkpoint (DCP) shards, complete or absent, the last
+N plus the best kept, validated loading.
 
-A checkpoint is one `torch.save`d dict that `torch.load(weights_only=True)` can read: tensors,
-numbers, strings, lists and dicts only (numpy arrays and RNG states are turned into those by
-`to_plain` / `from_plain`). Files are `DIR/checkpoints/step-XXXXXXXX.pt` and `best.pt`.
+A checkpoint is a folder `DIR/checkpoints/step-XXXXXXXX/` (and `best/`) holding
+- the DCP shards of the tensors (`.metadata`, `__R_0.distcp`): under `model.` the model's state
+  dict, under `optimizer.` the optimiser's, both keyed by parameter name with global shapes
+  (`torch.distributed.checkpoint.state_dict.get_state_dict`), so they load into any layout and
+  world size, each rank reading the pieces of its own shards;
+- `meta.pt`: what is the same on every rank (run config, step, scheduler, logging windows...);
+- `rank-RRRRR.pt`: what each rank has of its own (data position, RNG states, model state).
+`meta.pt` and the rank files are `torch.save`d dicts that `torch.load(weights_only=True)` reads:
+tensors, numbers, strings, lists and dicts only (numpy arrays and RNG states are turned into
+those by `to_plain` / `from_plain`).
 
-Atomicity: the payload is written to a temporary file in the same directory, flushed and fsynced,
-then `os.replace`d over the final name, and the directory is fsynced. A crash at any point leaves
-either the old file or the new one, never a torn one; stray temporary files are ignored and
-removed by the next save.
+Atomicity: every rank writes into `.tmp-step-XXXXXXXX/`; once all have written (fsynced) and
+met at a barrier, rank 0 renames the folder to its final name and fsyncs the parent. A crash or a
+kill -9 of any rank at any point leaves the earlier checkpoints untouched and, at worst, a
+temporary folder that nothing reads and the next save removes. `best/` is made of hard links to
+the files of its step folder (no second write) and swapped in by two renames.
 """
 
 from __future__ import annotations
@@ -16,20 +25,28 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from moe_train.errors import CLIError
 
 FORMAT = "moe-train-checkpoint"
 # 2: the layer contract (router/experts parameter names, per-name windows, model state)
-VERSION = 2
-STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+# 3: DCP folders (model and optimiser keyed by parameter name, sharded per rank)
+VERSION = 3
+STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
+META = "meta.pt"
+DCP_METADATA = ".metadata"
 
 
 def to_plain(obj: Any) -> Any:
@@ -156,17 +173,9 @@ def atomic_save(payload: dict, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a checkpoint; any problem is a one-line CLIError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = latest(path) or path
-        if path.is_dir():
-            raise CLIError(f"no checkpoint found in {path}")
-    if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist")
+def _read(path: Path) -> Any:
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's own message goes on to suggest weights_only=False: never for a file like this
         found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
@@ -176,18 +185,73 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
             "which loading would run as code (moe-train writes no such checkpoint)"
         ) from None
     except Exception as e:
-        raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
+        raise CLIError(f"checkpoint {path.parent} is corrupt or truncated ({_reason(e)})") from None
+
+
+def load(path: str | Path, *, tensors: bool = True) -> dict:
+    """Read and validate a checkpoint folder (a run folder: its newest): the dict of `meta.pt`
+    with "path", and with `tensors` the whole model state dict under "model", read on this one
+    process. Any problem is a one-line CLIError naming the folder."""
+    path = Path(path)
+    if path.is_dir() and not (path / META).exists():
+        found = latest(path)
+        if found is None:
+            raise CLIError(f"no checkpoint found in {path}")
+        path = found
+    if not path.exists():
+        raise CLIError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CLIError(
+            f"{path} is not a moe-train checkpoint (checkpoints are folders such as "
+            "RUN/checkpoints/step-00001000; files of moe-train before format 3 cannot be read)"
+        )
+    if not (path / META).is_file() or not (path / DCP_METADATA).is_file():
+        raise CLIError(f"checkpoint {path} is incomplete: no {META} or {DCP_METADATA}")
+    payload = _read(path / META)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CLIError(f"{path} is not a moe-train checkpoint")
     if payload.get("version") != VERSION:
         raise CLIError(
             f"checkpoint {path} has format version {payload.get('version')}, expected {VERSION}"
         )
-    missing = [k for k in ("run_config", "model", "step") if k not in payload]
+    missing = [k for k in ("run_config", "step") if k not in payload]
     if missing:
         raise CLIError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     payload["path"] = str(path)
+    try:
+        dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
+    if tensors:
+        payload["model"] = read_tensors(path, "model")
     return payload
+
+
+def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The whole tensors saved under `prefix.` (e.g. the model's state dict), on this process."""
+    reader = dcp.FileSystemReader(str(path))
+    try:
+        metadata = reader.read_metadata()
+        state = {
+            key.removeprefix(prefix + "."): torch.empty(item.size, dtype=item.properties.dtype)
+            for key, item in metadata.state_dict_metadata.items()
+            if key.startswith(prefix + ".") and isinstance(item, dcp.metadata.TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({prefix: state}, storage_reader=reader, no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:
+        raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
+    return state
+
+
+def read_rank(path: Path, rank: int) -> dict:
+    """What `rank` saved of its own (data position, RNG states, model state)."""
+    return _read(Path(path) / rank_file(rank))
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
 
 
 def _reason(e: Exception) -> str:
@@ -196,7 +260,7 @@ def _reason(e: Exception) -> str:
     return text.splitlines()[0].strip() if text else type(e).__name__
 
 
-def load_newest(run_or_ckpt_dir: str | Path, on_skip=None) -> dict | None:
+def load_newest(run_or_ckpt_dir: str | Path, on_skip=None, *, tensors: bool = True) -> dict | None:
     """The newest step checkpoint of a run that loads (None: there is none at all).
 
     A newer one that does not load (truncated, corrupt) is passed over: `on_skip(path, message)`
@@ -209,7 +273,7 @@ def load_newest(run_or_ckpt_dir: str | Path, on_skip=None) -> dict | None:
     first_error = None
     for path in files:
         try:
-            return load(path)
+            return load(path, tensors=tensors)
         except CLIError as e:
             first_error = first_error or e
             if on_skip is not None:
@@ -240,13 +304,13 @@ def describe_mismatch(model: torch.nn.Module, state: dict) -> str:
 
 
 def step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the step checkpoints in `ckpt_dir`, oldest first."""
+    """(step, path) of the complete step checkpoints in `ckpt_dir`, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = STEP_FILE.match(p.name)
-        if m:
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -260,24 +324,139 @@ def latest(run_or_ckpt_dir: str | Path) -> Path | None:
     return files[-1][1] if files else None
 
 
-class CheckpointManager:
-    """Saves step checkpoints into `ckpt_dir`, keeping the newest `keep_last` and `best.pt`."""
+def write(payload: dict, path: str | Path) -> Path:
+    """A one-process checkpoint folder at `path` from a payload: its "model" state dict and
+    the meta entries (run_config, step, ...); the folder appears complete or not at all."""
+    path = Path(path)
+    meta = {k: v for k, v in payload.items() if k not in ("model", "path")}
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    atomic_save({"format": FORMAT, "version": VERSION, **meta}, tmp / META)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": payload["model"]}, checkpoint_id=str(tmp), no_dist=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
 
-    def __init__(self, ckpt_dir: str | Path, keep_last: int) -> None:
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Saves step checkpoints into `ckpt_dir` from every rank, keeping the newest `keep_last` and
+    `best/`. `save` is a collective when torch.distributed is initialised; with `async_save` the
+    shards are written in the background and the folder completed at the next `save` or
+    `finish`."""
+
+    def __init__(self, ckpt_dir: str | Path, keep_last: int, async_save: bool = False) -> None:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self._pending: tuple[Future, Path, int, bool] | None = None
+        self._group = dist.new_group(backend="gloo") if async_save and self.distributed else None
 
-    def save(self, payload: dict, step: int, is_best: bool = False) -> Path:
-        payload = {"format": FORMAT, "version": VERSION, **payload}
-        path = self.dir / f"step-{step:08d}.pt"
-        atomic_save(payload, path)
-        if is_best:
-            atomic_save(payload, self.dir / "best.pt")
-        self._prune()
-        return path
+    def save(
+        self,
+        meta: dict,
+        step: int,
+        *,
+        tensors: dict | None = None,
+        own: dict | None = None,
+        is_best: bool = False,
+    ) -> Path:
+        """Write step `step`: `tensors` (DCP: each rank its shards; None: `meta`'s "model"
+        taken out of it), `meta` (rank 0) and `own` (this rank's part)."""
+        if tensors is None:
+            meta = dict(meta)
+            tensors = {"model": meta.pop("model")}
+        self.finish()
+        final = self.dir / f"step-{step:08d}"
+        tmp = self.dir / f"{TMP_PREFIX}{final.name}"
+        if self.rank == 0:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                raise CLIError(f"cannot write checkpoint {final} ({e.strerror or e})") from None
+        _barrier(self.distributed)
+        try:
+            if own is not None:
+                atomic_save(own, tmp / rank_file(self.rank))
+            if self.rank == 0:
+                atomic_save({"format": FORMAT, "version": VERSION, **meta}, tmp / META)
+            if self.async_save:
+                staged = torch.utils._pytree.tree_map_only(
+                    torch.Tensor, lambda t: t.detach().clone(), tensors
+                )
+                future = dcp.async_save(
+                    staged,
+                    checkpoint_id=str(tmp),
+                    process_group=self._group,
+                    no_dist=not self.distributed,
+                )
+                self._pending = (future, tmp, step, is_best)
+                return final
+            with warnings.catch_warnings():
+                # DCP warns that a save without a process group is a single process's: it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not self.distributed)
+        except CLIError:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except (OSError, dcp.CheckpointException) as e:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _reason(e)
+            raise CLIError(
+                f"cannot write checkpoint {final} ({reason}); the earlier checkpoints are intact"
+            ) from None
+        self._complete(tmp, final, is_best)
+        return final
+
+    def finish(self) -> None:
+        """Complete the checkpoint an async save is writing (a no-op without one)."""
+        if self._pending is None:
+            return
+        future, tmp, step, is_best = self._pending
+        self._pending = None
+        future.result()
+        self._complete(tmp, self.dir / f"step-{step:08d}", is_best)
+
+    def _complete(self, tmp: Path, final: Path, is_best: bool) -> None:
+        _barrier(self.distributed)
+        if self.rank == 0:
+            _fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            if is_best:
+                self._link_best(final)
+            self._prune()
+        _barrier(self.distributed)
+
+    def _link_best(self, source: Path) -> None:
+        tmp = self.dir / f"{TMP_PREFIX}best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in source.iterdir():
+            os.link(f, tmp / f.name)
+        _fsync_dir(tmp)
+        best, old = self.dir / "best", self.dir / f"{TMP_PREFIX}old-best"
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        _fsync_dir(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
         for _, old in step_files(self.dir)[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
         for stray in self.dir.glob(TMP_PREFIX + "*"):
-            stray.unlink(missing_ok=True)
+            shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink()

@@ -34,6 +34,8 @@ DEFAULT_PRESET = "tiny-sigma-moe"
 MAX_SEED = 2**32 - 1
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FSDP_DTYPES = ("fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 def _models():
@@ -52,8 +54,15 @@ class TrainConfig:
     micro-batches); it must be divisible by world_size * grad_accum. The segment length is the
     model's `seq_len` (the XL unroll, the decoder's context), set like any model field.
     eval_batches caps the evaluations during training, final_eval_batches the one at the end
-    (0: the whole validation split). expert_parallel shards the experts of every routed layer over
-    the ranks of a torchrun run (moe_layers.ExpertParallel; a no-op on one process).
+    (0: the whole validation split).
+    The layout of a torchrun run (moe_train.parallelize; README "Distributed"): dp_replicate
+    groups of dp_shard ranks (-1: the ranks left), the model sharded over each group with FSDP2
+    (reshard_after_forward: free the gathered weights after each block's forward), the routed
+    experts sharded over ep of those ranks (ep divides dp_shard; expert_parallel=true is
+    ep=dp_shard); param_dtype and reduce_dtype are FSDP2's mixed precision (the dtype of the
+    gathered weights and of the gradient reduction). activation_checkpointing: none, full
+    (recompute each block in backward) or selective (recompute all but the matmuls' outputs).
+    async_checkpoint: write checkpoints in the background (DCP's async save).
     skip_memory_check turns off the memory preflight (moe_train.memory), for when its estimate
     is known to be too pessimistic. compile runs the model through torch.compile (compiled in
     place, so checkpoints keep the plain model's parameter names and load without it). Defaults
@@ -86,6 +95,14 @@ class TrainConfig:
     expert_parallel: bool = False
     skip_memory_check: bool = False
     compile: bool = False
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    ep: int = 1
+    reshard_after_forward: bool = True
+    param_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
+    activation_checkpointing: str = "none"
+    async_checkpoint: bool = False
 
     def validate(self) -> None:
         """Raise a CLIError naming the first option whose value is out of range or not finite."""
@@ -114,6 +131,20 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise CLIError(
                 f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        for name in ("dp_replicate", "ep"):
+            _check(self, name, lambda v: v > 0, "a positive integer")
+        _check(self, "dp_shard", lambda v: v > 0 or v == -1, "a positive integer or -1")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in FSDP_DTYPES:
+                raise CLIError(
+                    f"train.{name} must be one of {', '.join(FSDP_DTYPES)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise CLIError(
+                "train.activation_checkpointing must be one of "
+                f"{', '.join(ACTIVATION_CHECKPOINTING)}, got {self.activation_checkpointing!r}"
             )
         if self.precision not in PRECISIONS:
             raise CLIError(

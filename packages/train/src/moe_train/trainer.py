@@ -1,35 +1,23 @@
-"""The training loop: AdamW, warmup + decay, clipping, accumulation, mixed precision, DDP, expert
-parallelism, carried model state (the XL memory).
+"""The training run: put together, then looped.
 
 `Trainer.__init__` reads top to bottom as the run is put together: the output folder (created,
 locked, its history checked: moe_train.rundir) and the checkpoint to resume (the newest that
-loads), the data, the memory preflight (moe_train.memory), the model, the optimiser, the batches,
-the restored state, the DDP wrapper and the logger. `run` is the loop; `train_step` one optimiser
-step. The host reads the losses only at logging steps: each step's losses are summed on the
-device, and so is the first step whose loss or gradient norm was not finite (`NonFinite`), read
-at logging and saving steps: such a run stops with an error naming that step before it logs or
-saves anything of it, so every checkpoint holds finite weights.
-
-Checkpoints hold everything a resumed run needs to continue bit-for-bit: model, optimiser,
-scheduler and grad-scaler states, each rank's data position, RNG states and model state (the
-XL memory), the logging and routing windows and the best validation loss, so that the resumed
-run's metrics.jsonl equals the uninterrupted one's (wall-clock fields aside). The model and
-optimiser states are the full (unsharded) ones, expert-parallel shards gathered, so a checkpoint
-written by N ranks loads on any number of ranks, with or without expert parallelism; data
-positions, RNG states and model states are per rank and are restored exactly when the world size
-is unchanged (with another world size each rank starts from rank 0's data position with a fresh
-state, and says so).
+loads), the data, the memory preflight (moe_train.memory), the layout and the model laid out over
+it (moe_train.parallelize: device mesh, expert parallelism, activation checkpointing, compile,
+FSDP2), the optimiser, the batches, the restored state (moe_train.run_state) and the logger.
+`run` is the loop; `train_step` one optimiser step. The host reads the losses only at logging
+steps: each step's losses are summed on the device, and so is the first step whose loss or
+gradient norm was not finite (`NonFinite`), read at logging and saving steps: such a run stops
+with an error naming that step before it logs or saves anything of it, so every checkpoint holds
+finite weights. What a checkpoint holds and how it is written and read: moe_train.run_state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,24 +27,17 @@ import moe_data
 import moe_models
 import torch
 import torch.distributed as dist
-from moe_layers import after_optimizer_step, expert_parameter_names
-from torch.nn.parallel import DistributedDataParallel
+from moe_layers import after_optimizer_step
 from tqdm import tqdm
 
 from moe_train import checkpoint as ckpt
-from moe_train import memory, rundir
+from moe_train import memory, run_state, rundir
 from moe_train.config import RunConfig
 from moe_train.data import Batches, check_eval_split, load_corpus
 from moe_train.distributed import DistEnv, gather_to_all, mean_over_ranks, setup, sum_over_ranks
 from moe_train.errors import CLIError
 from moe_train.evaluate import autocast, evaluate
-from moe_train.expert_parallel import (
-    clip_grad_norm_,
-    full_model_state,
-    full_optimizer_state,
-    load_optimizer_state,
-    shard_experts,
-)
+from moe_train.loop import NonFinite, StopFlag, Window
 from moe_train.metrics import (
     MetricsLogger,
     RoutingAccumulator,
@@ -64,18 +45,14 @@ from moe_train.metrics import (
     uses_bpc,
     validation_line,
 )
-from moe_train.schedule import make_scheduler
-
-RESUME_KEYS = (
-    "optimizer",
-    "scheduler",
-    "scaler",
-    "best_valid",
-    "window",
-    "world_size",
-    "data",
-    "rng",
+from moe_train.parallelize import (
+    build_mesh,
+    clip_grad_norm_,
+    parallelize,
+    resolve_layout,
+    scale_expert_grads,
 )
+from moe_train.schedule import make_scheduler
 
 
 @dataclass
@@ -150,10 +127,6 @@ def detach_state(state):
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), state)
 
 
-def state_to(state, device):
-    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), state)
-
-
 def _check_resumable(payload: dict, cfg: RunConfig) -> None:
     saved = payload["run_config"]
     path = payload["path"]
@@ -177,103 +150,6 @@ def load_model_state(model: torch.nn.Module, payload: dict) -> None:
             f"checkpoint {payload['path']} does not fit this model architecture: "
             f"{ckpt.describe_mismatch(model, payload['model'])}"
         ) from None
-
-
-def has_unused_parameters(model: torch.nn.Module, seq_len: int, device) -> bool:
-    """Whether a training forward and backward leaves a parameter without a gradient (DDP must
-    then look for unused parameters every step, which costs a graph traversal). Probed on one
-    dummy sequence, with the RNG states restored afterwards so that the run is unchanged."""
-    tokens = torch.zeros(1, seq_len, dtype=torch.long, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        out = model(tokens, tokens)
-        out.loss.backward()
-    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
-    model.zero_grad(set_to_none=True)
-    return unused
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM so that the loop stops at a step boundary and saves a checkpoint."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class Window:
-    """The losses of the steps since the last log, summed on the device (read when logged)."""
-
-    def __init__(self, device) -> None:
-        self.device = device
-        self.steps = 0
-        self.lm = torch.zeros((), dtype=torch.float64, device=device)
-        self.aux: dict[str, torch.Tensor] = {}
-
-    def add(self, lm: torch.Tensor, aux: dict[str, torch.Tensor]) -> None:
-        self.steps += 1
-        self.lm += lm.detach().double()
-        for name, value in aux.items():
-            zero = torch.zeros((), dtype=torch.float64, device=self.device)
-            self.aux[name] = self.aux.get(name, zero) + value.detach().double()
-
-    def means(self, env: DistEnv) -> tuple[float, dict[str, float]]:
-        """Mean LM loss and auxiliary losses by name per step, over the ranks."""
-        names = sorted(self.aux)
-        values = [float(self.lm), *(float(self.aux[n]) for n in names)]
-        values = [v / max(self.steps, 1) for v in mean_over_ranks(values, env)]
-        return values[0], dict(zip(names, values[1:], strict=True))
-
-    def state_dict(self) -> dict:
-        return {
-            "steps": self.steps,
-            "lm": float(self.lm),
-            "aux": {n: float(v) for n, v in self.aux.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.lm = torch.tensor(state["lm"], dtype=torch.float64, device=self.device)
-        self.aux = {
-            n: torch.tensor(v, dtype=torch.float64, device=self.device)
-            for n, v in state["aux"].items()
-        }
-
-
-class NonFinite:
-    """The first step whose loss or gradient norm was not finite, kept on the device (NONE: no
-    such step) so that no step waits for the host to look."""
-
-    NONE = 2**62
-
-    def __init__(self, device) -> None:
-        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
-
-    def update(self, step: int, *values: torch.Tensor) -> None:
-        finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all()
-        self.first = torch.where(finite, self.first, self.first.clamp(max=step))
-
-    def read(self, env: DistEnv) -> int | None:
-        """The first such step on any rank (a host read; a collective when distributed)."""
-        first = self.first.clone()
-        if env.distributed:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        value = int(first)
-        return None if value == self.NONE else value
 
 
 class Trainer:
@@ -302,7 +178,9 @@ class Trainer:
         self._check_memory()
         if self.opts.overwrite and payload is None:
             self._clear_history()
-        self.model = self._build_model(payload)
+        self.mesh = build_mesh(self.layout, self.env.device)
+        self.dp_group = None if self.mesh is None else self.mesh["dp"].get_group()
+        self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.train)
         self.scaler = torch.amp.GradScaler(enabled=self.cfg.train.precision == "fp16")
@@ -313,9 +191,11 @@ class Trainer:
         self.window = Window(self.env.device)
         self.routing = RoutingAccumulator()
         self.nonfinite = NonFinite(self.env.device)
+        self.checkpoints = ckpt.CheckpointManager(
+            self.ckpt_dir, self.cfg.train.keep_last, async_save=self.cfg.train.async_checkpoint
+        )
         if payload is not None:
-            self._restore(payload)
-        self.ddp = self._wrap_ddp()
+            run_state.restore(self, payload)
         self.logger = self._build_logger(resumed=payload is not None)
 
     def _check_options(self, train) -> int:
@@ -323,11 +203,10 @@ class Trainer:
         env = self.env
         if train.precision == "fp16" and env.device.type != "cuda":
             raise CLIError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        # with one process there is nothing to shard over: the option is a no-op
-        self.expert_parallel = train.expert_parallel and env.distributed
-        if self.expert_parallel and train.precision == "fp16":
-            # the grad scaler's overflow check would see different expert gradients on each rank
-            raise CLIError("train.expert_parallel does not support train.precision=fp16; use bf16")
+        self.layout = resolve_layout(train, env.world_size)
+        if env.distributed and train.precision == "fp16":
+            # the grad scaler's overflow check would see different gradient shards on each rank
+            raise CLIError("train.precision=fp16 runs on one process only; use bf16 under torchrun")
         micro = train.batch_size / (env.world_size * train.grad_accum)
         if micro != int(micro):
             raise CLIError(
@@ -400,7 +279,7 @@ class Trainer:
                 where = ""
             print(f"note: --resume skips {path}: {reason}{where}", file=sys.stderr)
 
-        payload = ckpt.load_newest(self.out_dir, on_skip=skip)
+        payload = ckpt.load_newest(self.out_dir, on_skip=skip, tensors=False)
         if payload is None:
             raise CLIError(f"--resume: no checkpoint in {self.ckpt_dir} to resume from")
         return payload
@@ -417,7 +296,7 @@ class Trainer:
         )
 
     def _check_memory(self) -> None:
-        shards = self.env.world_size if self.expert_parallel else 1
+        shards = self.layout.ep
         error = None
         try:
             memory.preflight(
@@ -433,20 +312,11 @@ class Trainer:
     def _eval_batch_size(self) -> int:
         return max(self.cfg.train.eval_batch_size // self.env.world_size, 1)
 
-    def _build_model(self, payload: dict | None) -> torch.nn.Module:
+    def _build_model(self) -> torch.nn.Module:
+        # the same initial weights on every rank: FSDP2 keeps each rank's shard of them
         torch.manual_seed(self.cfg.train.seed)
         model = moe_models.build(self.cfg.model).to(self.env.device)
-        if payload is not None:
-            # into the unwrapped model: the checkpoint holds whole experts, sharded below
-            load_model_state(model, payload)
-        if self.expert_parallel:
-            shard_experts(model, self.env.world_size)
-        if self.cfg.train.compile:
-            # in place (nn.Module.compile): the module and its state-dict keys stay the plain
-            # model's (no `_orig_mod.`), so checkpoints load compiled or not; graph breaks are
-            # allowed for layers of plugins (and ExpertParallel's exchange, sized on the host)
-            model.compile()
-        return model
+        return parallelize(model, self.mesh, self.layout, self.cfg.train)
 
     def _build_batches(self) -> Batches:
         env, train = self.env, self.cfg.train
@@ -462,16 +332,6 @@ class Trainer:
             world_size=env.world_size,
             device=env.device,
         )
-
-    def _wrap_ddp(self) -> torch.nn.Module:
-        if not self.env.distributed:
-            return self.model
-        # each rank's expert shards are its own: DDP must not average them with other ranks'
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self.model, expert_parameter_names(self.model)
-        )
-        unused = has_unused_parameters(self.model, self.cfg.model.seq_len, self.env.device)
-        return DistributedDataParallel(self.model, find_unused_parameters=unused)
 
     def _build_logger(self, resumed: bool) -> MetricsLogger | None:
         if not self.env.is_main:
@@ -495,89 +355,6 @@ class Trainer:
             raise CLIError(f"cannot write {tokenizer} ({e.strerror})") from None
         return logger
 
-    def _restore(self, payload: dict) -> None:
-        missing = [k for k in RESUME_KEYS if k not in payload]
-        if missing:
-            raise CLIError(
-                f"checkpoint {payload['path']} holds no training state ({', '.join(missing)}); "
-                "it can be evaluated but not resumed"
-            )
-        try:
-            load_optimizer_state(self.optimizer, self.model, payload["optimizer"])
-            self.scheduler.load_state_dict(payload["scheduler"])
-            self.scaler.load_state_dict(payload["scaler"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CLIError(
-                f"checkpoint {payload['path']}: optimiser state does not fit ({e})"
-            ) from None
-        self.step = int(payload["step"])
-        self.best_valid = float(payload["best_valid"])
-        self.window.load_state_dict(payload["window"])
-        if "routing" in payload and self.env.is_main:
-            # the window summed over the ranks that wrote it: rank 0 carries it on alone
-            self.routing.load_state_dict(payload["routing"], self.env.device)
-        same_world = payload["world_size"] == self.env.world_size
-        r = self.env.rank if same_world else 0
-        self.batches.load_state_dict(ckpt.from_plain(payload["data"][r]))
-        if same_world:
-            ckpt.set_rng_state(payload["rng"][r])
-            self.state = state_to(payload["state"][r], self.env.device)
-        elif self.env.is_main:
-            print(
-                f"note: checkpoint written by {payload['world_size']} rank(s), resuming on "
-                f"{self.env.world_size}: data position taken from rank 0, model state reset",
-                file=sys.stderr,
-            )
-
-    def _payload(self) -> dict | None:
-        """The checkpoint dict on rank 0 (None elsewhere); per-rank parts gathered from all ranks,
-        expert shards gathered to the unsharded layout."""
-        model_state = full_model_state(self.model)
-        optimizer_state = full_optimizer_state(self.optimizer, self.model)
-        per_rank = gather_to_all(
-            {
-                "data": ckpt.to_plain(self.batches.state_dict()),
-                "rng": ckpt.rng_state(),
-                "state": state_to(self.state, "cpu"),
-            },
-            self.env,
-        )
-        routing = self._routing_window_state()
-        if not self.env.is_main:
-            return None
-        return {
-            "run_config": self.cfg.to_dict(),
-            "arch": self.cfg.model.arch,
-            "level": self.level,
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "best_valid": self.best_valid,
-            "window": self.window.state_dict(),
-            "routing": routing,
-            "world_size": self.env.world_size,
-            "data": [p["data"] for p in per_rank],
-            "rng": [p["rng"] for p in per_rank],
-            "state": [p["state"] for p in per_rank],
-        }
-
-    def _routing_window_state(self) -> dict:
-        """The routing window summed over the ranks (rank 0's state then stands for all: the
-        summary sums over ranks, so a resumed run on any number of ranks logs the same)."""
-        state = self.routing.state_dict()
-        if not self.env.distributed:
-            return state
-        gathered = gather_to_all(state, self.env)
-        total = RoutingAccumulator()
-        for part in gathered:
-            for name, row in part["sums"].items():
-                total.sums[name] = total.sums[name] + row if name in total.sums else row
-                total.tokens[name] = total.tokens.get(name, 0) + part["tokens"][name]
-                total.passes[name] = total.passes.get(name, 0) + part["passes"][name]
-        return total.state_dict() if self.env.is_main else state
-
     def check_finite(self) -> None:
         """Stop the run when a step since the start had a non-finite loss or gradient norm."""
         bad = self.nonfinite.read(self.env)
@@ -595,11 +372,7 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> None:
         self.check_finite()
-        payload = self._payload()
-        if payload is not None:
-            ckpt.CheckpointManager(self.ckpt_dir, self.cfg.train.keep_last).save(
-                payload, self.step, is_best=is_best
-            )
+        run_state.save(self, is_best=is_best)
 
     def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimiser step over grad_accum micro-batches; returns this rank's mean LM loss and
@@ -611,25 +384,18 @@ class Trainer:
             inputs, targets, new_stream = self.batches.next()
             if new_stream:
                 self.state = None
-            last = micro == train.grad_accum - 1
-            sync = (
-                self.ddp.no_sync()
-                if self.env.distributed and not last
-                else contextlib.nullcontext()
-            )
-            with sync:
-                with autocast(self.env.device, train.precision):
-                    out = self.ddp(inputs, targets, state=self.state)
-                self.scaler.scale(out.loss / train.grad_accum).backward()
+            if self.mesh is not None:
+                # the gradients are reduced over the ranks once, after the last micro-batch
+                self.model.set_requires_gradient_sync(micro == train.grad_accum - 1)
+            with autocast(self.env.device, train.precision):
+                out = self.model(inputs, targets, state=self.state)
+            self.scaler.scale(out.loss / train.grad_accum).backward()
             self.state = detach_state(out.state)
             lm_sum = lm_sum + out.lm_loss.detach() / train.grad_accum
             for name, value in out.aux_losses.items():
                 aux_sums[name] = aux_sums.get(name, 0) + value.detach() / train.grad_accum
-            stats = out.routing_stats
-            if self.expert_parallel:
-                # logged under the unwrapped layer's name, as in a run without expert parallelism
-                stats = {name.removesuffix(".layer"): s for name, s in stats.items()}
-            self.routing.add(stats)
+            self.routing.add(out.routing_stats)
+        scale_expert_grads(self.model, self.layout.ep)
         if train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.model, train.grad_clip or math.inf)
@@ -641,8 +407,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # layers' state that follows the batches (the expert bias) over the global batch: every
-        # micro-batch of every data-parallel rank (the default group: all ranks are data-parallel)
-        after_optimizer_step(self.model, group=None)
+        # micro-batch of every data-parallel rank (the mesh's dp group: every rank)
+        after_optimizer_step(self.model, group=self.dp_group)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return lm_sum, aux_sums
@@ -690,9 +456,12 @@ class Trainer:
 
     def close(self) -> None:
         """Flush the logs and unlock the run folder (also after an error)."""
-        if self.logger is not None:
-            self.logger.close()
-        self.lock.release()
+        try:
+            self.checkpoints.finish()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            self.lock.release()
 
     def _loop(self) -> TrainResult:
         train, env = self.cfg.train, self.env
@@ -705,7 +474,7 @@ class Trainer:
             print(
                 f"training {self.cfg.preset} ({self.cfg.model.arch}) on {self.corpus.name} "
                 f"[{self.level}], {env.world_size} process(es) on {env.device}"
-                f"{', experts sharded over them' if self.expert_parallel else ''}; "
+                f"{f' ({self.layout.describe()})' if env.distributed else ''}; "
                 f"out: {self.out_dir}",
                 flush=True,
             )
@@ -724,7 +493,7 @@ class Trainer:
         interrupted = False
         last_valid = None
         window_start, steps_timed = time.perf_counter(), 0
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while self.step < end:
                 lm, aux = self.train_step()
                 self.step += 1
@@ -767,7 +536,7 @@ class Trainer:
             )
         return TrainResult(self.out_dir, self.step, self.level, last_valid, interrupted)
 
-    def _should_stop(self, stop: _StopFlag) -> bool:
+    def _should_stop(self, stop: StopFlag) -> bool:
         """A signal's stop request; the ranks agree on it at logging steps only (an all-reduce
         every step would make every step wait for the slowest rank's host)."""
         if not self.env.distributed:

@@ -45,8 +45,9 @@ layers of your own: --plugin FILE.py (or a module) that calls moe_models.registe
 then ffn=NAME; the run records the plugin, which --resume and eval import again only when it
 is named again (--plugin; eval also takes --trust-plugins).
 distributed: torchrun --nproc_per_node N -m moe_train.cli train ... (gloo on CPU, nccl on CUDA;
-DDP, train.batch_size is the global batch; --expert-parallel also shards the experts over the
-ranks, checkpoints stay unsharded).
+FSDP2 over train.dp_shard ranks, HSDP with train.dp_replicate, experts sharded over train.ep of
+the dp_shard ranks; train.batch_size is the global batch; each rank writes its checkpoint shards,
+which resume on any layout).
 """
 PARSER = dict(
     epilog=EPILOG,
@@ -90,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--expert-parallel",
         action="store_const",
         const=True,
-        help="shard the experts over the torchrun ranks (= train.expert_parallel=true)",
+        help="shard the experts over all dp_shard ranks (= train.expert_parallel=true, train.ep=dp_shard)",
     )
     p.add_argument(
         "--compile",
@@ -140,7 +141,7 @@ def resume_config(args, out_dir: Path) -> RunConfig:
     from moe_train import checkpoint as ckpt
 
     # the trainer loads it again and says which newer files it skipped
-    payload = ckpt.load_newest(out_dir)
+    payload = ckpt.load_newest(out_dir, tensors=False)
     if payload is None:
         raise CLIError(f"--resume: no checkpoint in {out_dir / 'checkpoints'} to resume from")
     latest = payload["path"]

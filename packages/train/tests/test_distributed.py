@@ -1,0 +1,72 @@
+"""torchrun with 2 and 4 gloo processes: every layout against one process, a checkpoint that
+reshards from 4 ranks to 2 to 1 and back, a rank killed in the middle of a save."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from moe_train import checkpoint as ckpt
+
+HERE = Path(__file__).parent
+
+
+def torchrun(nproc: int, *argv, env=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("MOE_TRAIN_DEBUG", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return subprocess.run(
+        [*launcher, "--nproc_per_node", str(nproc), *(str(a) for a in argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_every_4_rank_layout_matches_one_process_and_shards_the_state():
+    """dp_shard=4, dp_shard=4 with ep=2, dp_replicate=2 x dp_shard=2 with ep=2, and ep=4, for
+    tiny-sigma-moe, tiny-switch (tokens dropped), tiny-gshard and tiny-base: losses and updated
+    weights of two steps equal the 1-process run's (fp64; tolerances in layout_worker.py), and
+    a rank at dp_shard=4 holds at most 30% of the parameter, gradient and AdamW bytes."""
+    done = torchrun(4, HERE / "layout_worker.py")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "per-rank state bytes" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_reshards_4_to_2_to_1_and_back_and_survives_a_kill_mid_save(cli, tmp_path):
+    preset = "tiny-gshard"
+    model = [*cli.tiny_model(preset), "dropout=0"]
+    args = [*cli.TINY_TRAIN, *model, "--device", "cpu", "train.save_interval=2"]
+    quiet = ["--no-progress", "--no-tensorboard", "--device", "cpu"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    rc, _, err = cli("train", "--preset", preset, "--out", straight, "--max-steps", "8", *args)
+    assert rc == 0, err
+    module = ["-m", "moe_train.cli", "train", "--out", run]
+    # 4 ranks, experts over 2 of them: steps 1-2
+    first = torchrun(4, *module, "--preset", preset, "--max-steps", "8", "--stop-at", "2", *args,
+                     "train.ep=2")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "dp_shard=4, ep=2" in first.stdout
+    # 2 ranks: steps 3-4 saved, then rank 1 is killed while writing step 6
+    second = torchrun(2, HERE / "kill_worker.py", "train", "--out", run, "--resume", *quiet,
+                      "--stop-at", "6", env={"KILL_AT_STEP": "6"})  # fmt: skip
+    assert second.returncode != 0
+    assert "written by 4 rank(s), resuming on 2" in second.stderr
+    assert ckpt.latest(run).name == "step-00000004"
+    assert ckpt.load(run, tensors=False)["world_size"] == 2
+    # 1 process from the 2 ranks' step 4: steps 5-6
+    rc, _, err = cli("train", "--out", run, "--resume", "--stop-at", "6", *quiet, "train.ep=1")
+    assert rc == 0, err
+    assert "written by 2 rank(s), resuming on 1" in err
+    # and back to 4 ranks with ep=2: steps 7-8
+    last = torchrun(4, *module, "--resume", *quiet, "train.ep=2")
+    assert last.returncode == 0, last.stderr[-3000:]
+    one, split = cli.losses(straight), cli.losses(run)
+    assert sorted(split) == list(range(1, 9))
+    for step in one:
+        assert split[step] == pytest.approx(one[step], rel=1e-5), step
+    assert not list((run / "checkpoints").glob(ckpt.TMP_PREFIX + "*"))
