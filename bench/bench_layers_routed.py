@@ -1,5 +1,5 @@
 """Forward+backward time of GShard, BASE, HASH, tMoE and sMoE on the CPU (2 threads; and on the
-GPU when there is one) against their dense baselines, and the time of ExpertParallel's token
+GPU when there is one) against their dense baselines, and the time of the expert-parallel token
 exchange (all_to_all) between 2 gloo ranks on the CPU.
 
 The routed FFN layers are compared with the parameter-equal DenseFFN (d_ff = E * G; the gate's

@@ -55,7 +55,7 @@ class Loaded:
 
 
 def run_folder(checkpoint: Path) -> Path:
-    """RUN for RUN/checkpoints/step-N.pt (a checkpoint elsewhere: its own folder)."""
+    """RUN for RUN/checkpoints/step-N (a checkpoint elsewhere: its own folder)."""
     parent = Path(checkpoint).parent
     return parent.parent if parent.name == "checkpoints" else parent
 

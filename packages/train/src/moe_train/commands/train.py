@@ -34,7 +34,7 @@ configuration, later wins:
 training fields: {", ".join(f.name for f in TrainConfig.__dataclass_fields__.values())}
 
 writes DIR/config.json, DIR/metrics.jsonl, DIR/tb/ (TensorBoard) and DIR/checkpoints/
-(the last train.keep_last step-N.pt and best.pt); DIR/.lock keeps a second run out while it runs.
+(the last train.keep_last folders step-N/ and best/); DIR/.lock keeps a second run out while it runs.
 A fresh run into a DIR holding another run's history is refused: --resume continues DIR's newest
 checkpoint that loads, exactly (only training fields, e.g. --max-steps, may change on resume);
 --overwrite deletes that history first.
