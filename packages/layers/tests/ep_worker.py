@@ -14,6 +14,7 @@ from moe_layers import (
     HashLayer,
     SigmaMoE,
     TMoE,
+    TokenChoiceMoE,
     collect_aux_losses,
     shard_experts,
 )
@@ -32,6 +33,8 @@ def cases():
         ("hash", lambda: HashLayer(D_MODEL, 2, 3, vocab_size=VOCAB, hash="balanced"), False, (5, 0), False),
         ("sigma", lambda: SigmaMoE(D_MODEL, 4, 3, 2, entropy_weight=0.1), True, (1, 7), False),
         ("tmoe", lambda: TMoE(D_MODEL, 6, 2, impl="reference"), False, (4, 5), False),
+        ("swiglu", lambda: TokenChoiceMoE(D_MODEL, 4, 3, 2, activation="swiglu"), True, (5, 3), False),
+        ("base-bias", lambda: BaseLayer(D_MODEL, 4, 3, expert_bias=True), True, (6, 2), False),
         # skewed: every token of every rank to one expert, and a rank without tokens
         ("skewed", lambda: HashLayer(D_MODEL, 4, 3, vocab_size=VOCAB, hash="balanced"), True, (7, 0), True),
     ]  # fmt: skip
@@ -89,7 +92,7 @@ def check_matches_single_process(name, make, training, sizes, same_id, rank, wor
     lo, hi = rank * n_local, (rank + 1) * n_local
     for pname, p in ep.named_parameters():
         ref_p = dict(full.named_parameters())[pname]
-        if pname in ("experts.w1", "experts.w2"):
+        if pname.startswith("experts."):
             # the expert shard's gradient: the sum over every rank's tokens routed to it
             assert isinstance(p, DTensor) and p.shape == ref_p.shape, (msg, pname)
             expected = grad_or_zeros(ref_p)[lo:hi]

@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 from moe_layers import (
-    ExpertParallel,
     TokenChoiceMoE,
     TopKRouter,
     after_optimizer_step,
@@ -258,11 +257,6 @@ def test_expert_bias_logged_with_the_routing_statistics():
     plain = TokenChoiceMoE(4, 3, 2, 2)
     plain(torch.randn(2, 4))
     assert plain.routing_stats.expert_bias is None
-
-
-def test_expert_parallel_refuses_gated_experts():
-    with pytest.raises(ValueError, match="w1, w2, w3"):
-        ExpertParallel(TokenChoiceMoE(4, 4, 2, 2, activation="swiglu"))
 
 
 def test_two_gloo_ranks_see_the_global_batch(monkeypatch):

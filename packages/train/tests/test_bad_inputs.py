@@ -138,9 +138,9 @@ def moved_corpus(run, tmp):
     """A copy of the run whose corpus (a text file) is gone."""
     copy = copy_run(run, tmp)
     for _, path in ckpt.step_files(copy / "checkpoints"):
-        payload = ckpt.load(path)
+        payload = ckpt.load(path, tensors=False)
         payload["run_config"]["data"] = f"text:{tmp}/gone.txt"
-        ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path)
+        ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path / ckpt.META)
 
 
 WIDE_PLUGIN = """
@@ -462,9 +462,9 @@ def test_a_malicious_checkpoint_is_refused_without_advice_to_load_it(cli, tmp_pa
     import subprocess
     import sys
 
-    evil, marker = tmp_path / "run" / "checkpoints" / "step-00000001.pt", tmp_path / "pwned"
-    evil.parent.mkdir(parents=True)
-    subprocess.run([sys.executable, "-c", EVIL, str(evil), str(marker)], check=True)
+    evil, marker = tmp_path / "run" / "checkpoints" / "step-00000001", tmp_path / "pwned"
+    evil.mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", EVIL, str(evil / ckpt.META), str(marker)], check=True)
     argv = {
         "eval": ["eval", evil],
         "generate": ["generate", evil, "--prompt", "a"],

@@ -205,8 +205,8 @@ def load(path: str | Path, *, tensors: bool = True) -> dict:
             f"{path} is not a moe-train checkpoint (checkpoints are folders such as "
             "RUN/checkpoints/step-00001000; files of moe-train before format 3 cannot be read)"
         )
-    if not (path / META).is_file() or not (path / DCP_METADATA).is_file():
-        raise CLIError(f"checkpoint {path} is incomplete: no {META} or {DCP_METADATA}")
+    if not (path / META).is_file():
+        raise CLIError(f"checkpoint {path} is incomplete: no {META}")
     payload = _read(path / META)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CLIError(f"{path} is not a moe-train checkpoint")
@@ -217,6 +217,8 @@ def load(path: str | Path, *, tensors: bool = True) -> dict:
     missing = [k for k in ("run_config", "step") if k not in payload]
     if missing:
         raise CLIError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if not (path / DCP_METADATA).is_file():
+        raise CLIError(f"checkpoint {path} is incomplete: no {DCP_METADATA}")
     payload["path"] = str(path)
     try:
         dcp.FileSystemReader(str(path)).read_metadata()
