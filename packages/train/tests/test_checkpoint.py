@@ -127,3 +127,21 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path_factory, see
     assert (
         expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
     )
+
+
+def test_async_checkpoints_resume_like_the_synchronous_ones(cli, tmp_path):
+    common = ["--max-steps", "6", "train.save_interval=2", "dropout=0.1"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert cli.train(straight, *common, preset="tiny-gshard")[0] == 0
+    rc, _, err = cli.train(
+        run, *common, "--stop-at", "4", "train.async_checkpoint=true", preset="tiny-gshard"
+    )
+    assert rc == 0, err
+    # the last save completes before the run ends
+    assert [p.name for _, p in ckpt.step_files(run / "checkpoints")] == [
+        "step-00000002",
+        "step-00000004",
+    ]
+    rc, _, err = cli("train", "--out", run, "--resume", "--no-progress", "--no-tensorboard")
+    assert rc == 0, err
+    assert cli.losses(run) == cli.losses(straight)

@@ -396,12 +396,14 @@ class CheckpointManager:
                 staged = torch.utils._pytree.tree_map_only(
                     torch.Tensor, lambda t: t.detach().clone(), tensors
                 )
-                future = dcp.async_save(
-                    staged,
-                    checkpoint_id=str(tmp),
-                    process_group=self._group,
-                    no_dist=not self.distributed,
-                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    future = dcp.async_save(
+                        staged,
+                        checkpoint_id=str(tmp),
+                        process_group=self._group,
+                        no_dist=not self.distributed,
+                    )
                 self._pending = (future, tmp, step, is_best)
                 return final
             with warnings.catch_warnings():
