@@ -49,3 +49,19 @@ def test_a_layout_on_one_process_is_a_cli_error(cli, tmp_path):
 def test_bad_layout_values_are_one_line(cli, tmp_path, key):
     rc, _, err = cli.train(tmp_path / "r", "--max-steps", "1", f"train.{key}")
     cli.assert_one_line_error(rc, err, f"train.{key.split('=')[0]}")
+
+
+def test_activation_checkpointing_changes_no_loss_nor_routing_record(cli, tmp_path):
+    """full and selective recompute each block in the backward: the same losses and routing
+    records as without (the recomputation records nothing twice), parameter names unchanged."""
+    common = ["--max-steps", "2", "dropout=0", "n_layers=2", "train.routing_interval=1"]
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        out = tmp_path / mode
+        rc, _, err = cli.train(
+            out, *common, f"train.activation_checkpointing={mode}", preset="tiny-gshard"
+        )
+        assert rc == 0, err
+        runs[mode] = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in cli.metrics(out)]
+    assert runs["full"] == runs["none"] and runs["selective"] == runs["none"]
+    assert any("routing" in r for r in runs["none"])
