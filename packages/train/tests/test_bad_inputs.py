@@ -175,10 +175,10 @@ def recorded_plugin(run, tmp):
     write(tmp / "unnamed_plugin.py", f"open({str(tmp / 'ran')!r}, 'w').close()\n")
     copy = copy_run(run, tmp)
     for _, path in ckpt.step_files(copy / "checkpoints"):
-        payload = ckpt.load(path)
+        payload = ckpt.load(path, tensors=False)
         payload["run_config"]["plugins"] = [str(tmp / "unnamed_plugin.py")]
         payload["run_config"]["model"]["ffn"]["type"] = "unnamed_layer"
-        ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path)
+        ckpt.atomic_save({k: v for k, v in payload.items() if k != "path"}, path / ckpt.META)
 
 
 def special_files(run, tmp):

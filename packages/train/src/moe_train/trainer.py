@@ -296,11 +296,15 @@ class Trainer:
         )
 
     def _check_memory(self) -> None:
-        shards = self.layout.ep
         error = None
         try:
+            # per rank, for the layout of train.dp_replicate / dp_shard / ep on this world size
             memory.preflight(
-                self.cfg.model, self.cfg.train, self.micro_batch, self.env.device, shards
+                self.cfg.model,
+                self.cfg.train,
+                self.micro_batch,
+                self.env.device,
+                world_size=self.env.world_size,
             )
         except CLIError as e:
             error = str(e)
