@@ -69,7 +69,11 @@ class Exchange:
 
 
 class AllToAllDispatcher:
-    """The token exchange over a process group of W ranks, each holding E/W experts."""
+    """The token exchange over a process group of W ranks, each holding E/W experts.
+
+    Its methods are kept out of torch.compile by torch._disable_dynamo, which imports
+    torch._dynamo at their first call: torch.compiler.disable as a decorator imports it when this
+    module is imported, seconds that every program using moe_layers would pay."""
 
     def __init__(self, group: dist.ProcessGroup, n_experts: int) -> None:
         self.group = group
@@ -77,7 +81,7 @@ class AllToAllDispatcher:
         self.n_experts = n_experts
         self.n_local = n_experts // self.world_size
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def dispatch(self, x_TD: Tensor, idx_TK: Tensor) -> tuple[Tensor, Tensor, Exchange]:
         """(rows received for this rank's experts, their local expert index [M, 1], exchange)."""
         n_tokens, k = idx_TK.shape
@@ -99,7 +103,7 @@ class AllToAllDispatcher:
         )[:, None]
         return recv_MD, local_M1, Exchange(order_N, tok_N, send_splits, recv_splits, n_tokens)
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def combine(self, out_MD: Tensor, gates_TK: Tensor, ex: Exchange) -> Tensor:
         """The expert outputs back on their tokens' ranks, gated and summed per token."""
         back_ND = AllToAll.apply(out_MD, ex.send_splits, ex.recv_splits, self.group)
