@@ -130,3 +130,10 @@ def test_the_dense_baselines_hold_as_many_parameters(preset, twin):
     a = moe_models.count_parameters(moe_models.get_config(preset))["total"]
     b = moe_models.count_parameters(moe_models.get_config(twin))["total"]
     assert abs(a - b) / b < 0.01, (a, b)
+
+
+@pytest.mark.parametrize("preset", ["tiny-moeut", "tiny-switchhead"])
+def test_dense_twin_refuses_what_it_cannot_make_dense(preset):
+    with pytest.raises(ValueError, match="dense_twin replaces FFNs only") as err:
+        moe_models.dense_twin(moe_models.get_config(preset))
+    assert "\n" not in str(err.value)

@@ -204,6 +204,13 @@ def dense_twin(config: ModelConfig, match: str = "params") -> ModelConfig:
     if match not in ("params", "compute"):
         raise ValueError(f"match must be 'params' or 'compute', got {match!r}")
     cfg = config
+    routed = [c for c in _attention_counts(cfg) if c.active < c.total]
+    if routed or cfg.arch == "moeut":
+        raise ValueError(
+            f"dense_twin replaces FFNs only; this {cfg.arch} model's attention "
+            f"({type(cfg.attention).__name__}) is routed or its layers shared: compare it "
+            "against its *-dense preset (e.g. tiny-switchhead-dense, tiny-moeut-dense)"
+        )
     dense_cls = ffn_config_class("dense")
     twins = {}
     for i in _ffn_layers(cfg):

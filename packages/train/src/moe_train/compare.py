@@ -311,7 +311,11 @@ def build_spec(entries: list[dict], log=print, **fields) -> Spec:
         spec.entries.append(base)
         cfg = run_config(spec, base, spec.seeds[0], corpus.vocab_size)
         for match in e.get("twins", []):
-            if moe_models.dense_twin(cfg.model, match) == cfg.model:
+            try:
+                twin = moe_models.dense_twin(cfg.model, match)
+            except ValueError as err:
+                raise CLIError(f"{base.name}: {err}") from None
+            if twin == cfg.model:
                 log(f"note: {base.name} has no MoE layer, so no dense twin ({match})")
                 continue
             spec.entries.append(
