@@ -62,9 +62,10 @@ def test_sharded_parameters_and_gathered_copies_by_hand():
 def test_activations_by_hand():
     """Per token, in elements (d = i = 32, no dropout). Layer 0, dense FFN, w = 4192 / 64:
     A = 4d + 5i + 2w = 419, S = 2d + 3i + w + d = 257.5, backward workspace 2w = 131. Layer 1,
-    GShard, w = 2176 / 64 = 34: A = 4d + 5i + 2w = 356, plus under ep=2 the received tokens
-    k d = 34 * 32 / 16 = 68; S = 2d + 3i + E = 164; workspace 4w = 136. K = d per layer, head 3d
-    = 96; bf16: 2 bytes each, plus 12 V = 3072 bytes of fp32 logits; 2 x 16 tokens."""
+    GShard, w = 2176 / 64 = 34, k d = 34 * 32 / 16 = 68: A = 4d + 5i + 2w = 356, plus under ep=2
+    the received tokens k d = 68; S = 2d + 3i + E = 164; workspace 6w + 3kd = 408. K = d per
+    layer, head 3d = 96; bf16: 2 bytes each, plus 12 V = 3072 bytes of fp32 logits; 2 x 16
+    tokens."""
     cfg, train = small(), TrainConfig(precision="bf16")
     layout = Layout(world_size=2, dp_shard=2, ep=2)
 
@@ -73,16 +74,16 @@ def test_activations_by_hand():
 
         return memory.activations(cfg, train, 2, replace(layout, activation_checkpointing=mode))
 
-    assert act("none") == 32 * (2 * (419 + 424 + 136 + 96) + 3072)
-    assert act("full") == 32 * (2 * (32 + 32 + 424 + 136 + 96) + 3072)
-    selective = 257.5 + 164 + max(419 - 257.5 + 131, 424 - 164 + 136)
+    assert act("none") == 32 * (2 * (419 + 424 + 408 + 96) + 3072)
+    assert act("full") == 32 * (2 * (32 + 32 + 424 + 408 + 96) + 3072)
+    selective = 257.5 + 164 + max(419 - 257.5 + 131, 424 - 164 + 408)
     assert act("selective") == 32 * (2 * (selective + 96) + 3072)
     assert act("none") > act("selective") > act("full")
     fp32 = memory.activations(cfg, TrainConfig(), 2, Layout(world_size=1))
-    assert fp32 == 32 * (4 * (419 + 356 + 136 + 96) + 3072)  # no EP: no received tokens
+    assert fp32 == 32 * (4 * (419 + 356 + 408 + 96) + 3072)  # no EP: no received tokens
     # FSDP2's bf16 param_dtype: 16-bit activations; one process runs without FSDP2
     sharded = Layout(world_size=2, dp_shard=2, param_dtype="bf16")
-    assert memory.activations(cfg, TrainConfig(), 2, sharded) == 32 * (2 * 1007 + 3072)
+    assert memory.activations(cfg, TrainConfig(), 2, sharded) == 32 * (2 * 1279 + 3072)
     single = Layout(world_size=1, param_dtype="bf16")
     assert memory.activations(cfg, TrainConfig(), 2, single) == fp32
 

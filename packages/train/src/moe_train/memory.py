@@ -34,19 +34,23 @@ i = heads x d_head, r = 1 with dropout (0 without), F = smlp_d_ff, and per FFN (
 and standalone block) w = its active hidden width, estimated as active parameters / 2d:
 
     decoder, Transformer-XL   A = 4d + 5i + 2rd + sum 2w
-                              S = 2d + 3i + sum (w + d | E)      K = d      G = sum (2w | 4w)
+                              S = 2d + 3i + sum (w + d | E)      K = d
+                              G = sum (2w | 6w + 3kd)
         (A: the block input, the two LayerNorms' inputs and outputs, q, k, v, the attention
         output and its copy into the out-projection, the dropout masks, each FFN's hidden layer
         before and after its activation; attention runs fused, without L x L scores. S: the
         block input, the q, k, v and out-projection matmuls, a dense FFN's two matmuls (w + d);
-        a routed FFN keeps only its router's E logits, its expert kernels are recomputed, and
-        they recompute their hidden layer in backward: G = 4w where a dense FFN needs 2w)
+        a routed FFN keeps only its router's E logits, its expert kernels are recomputed.
+        G: a dense FFN's backward holds the gradients of its hidden layer, 2w; moe_kernels'
+        expert backward (k experts a token, k d = w d / expert_size) gathers the tokens and
+        their output gradients again, rebuilds the hidden rows and their activation and holds
+        their gradients before and after the gates and the activation, 6w + 3kd)
     Transformer-XL, memory M, context c = L + M, adds
                               A: (M / L)(2d + 2i) + 2hc   S: (M / L) 2i + hc   K: (M / L) d
         (the memory, its LayerNorm, keys and values; the positional scores and the attention
         bias, materialised per head)
     sMLP gMLP block           A = 2d + 3.5F + rd    S = 2d + 1.5F    K = d    G = 2F
-    sMLP sparse block         A = 6d + 2rd + 2w     S = 3d + E       K = d    G = 4w
+    sMLP sparse block         A = 6d + 2rd + 2w     S = 3d + E       K = d    G = 6w + 3kd
 
 Under EP (ep > 1) a routed FFN also holds the tokens it received, k d = w d / expert_size, in A.
 The body by train.activation_checkpointing:
@@ -326,11 +330,14 @@ def _layer_terms(model_cfg, i: int, ep: int) -> tuple[float, float, float, float
         w = _width(f, d)
         A, G = A + 2 * w, G + 2 * w
         if _routed(f):
-            # the fused expert kernels recompute the hidden layer in backward: 2 w more there;
-            # of their matmuls only the router's (E logits) is an aten matmul
-            G, S = G + 2 * w, S + f.n_experts
+            # moe_kernels' expert backward gathers the tokens and their output gradients again
+            # (k d each), rebuilds the hidden rows and their activation, and holds their
+            # gradients before and after the gates and the activation: 6 w + 3 k d in all.
+            # Of the layer's matmuls only the router's (E logits) is an aten matmul.
+            kd = w * d / f.expert_size
+            G, S = G + 4 * w + 3 * kd, S + f.n_experts
             if ep > 1:  # the all-to-all's output, k tokens of d, is the experts' saved input
-                A += w * d / f.expert_size
+                A += kd
         else:
             S += w + d
     if c.arch == "smlp":
