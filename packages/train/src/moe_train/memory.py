@@ -33,24 +33,25 @@ under full checkpointing (its inputs), and its backward needs a workspace G_l. W
 i = heads x d_head, r = 1 with dropout (0 without), F = smlp_d_ff, and per FFN (the layer's FFN
 and standalone block) w = its active hidden width, estimated as active parameters / 2d:
 
-    decoder, Transformer-XL   A = 4d + 5i + 2rd + sum 2w
+    decoder, Transformer-XL   A = 4d + 5i + 2rd + sum (2w | 0)
                               S = 2d + 3i + sum (w + d | E)      K = d
                               G = sum (2w | 6w + 3kd)
         (A: the block input, the two LayerNorms' inputs and outputs, q, k, v, the attention
-        output and its copy into the out-projection, the dropout masks, each FFN's hidden layer
-        before and after its activation; attention runs fused, without L x L scores. S: the
-        block input, the q, k, v and out-projection matmuls, a dense FFN's two matmuls (w + d);
-        a routed FFN keeps only its router's E logits, its expert kernels are recomputed.
-        G: a dense FFN's backward holds the gradients of its hidden layer, 2w; moe_kernels'
-        expert backward (k experts a token, k d = w d / expert_size) gathers the tokens and
-        their output gradients again, rebuilds the hidden rows and their activation and holds
-        their gradients before and after the gates and the activation, 6w + 3kd)
+        output and its copy into the out-projection, the dropout masks, a dense FFN's hidden
+        layer before and after its activation; attention runs fused, without L x L scores; a
+        routed FFN (k experts a token, k d = w d / expert_size) saves no hidden rows. S: the
+        block input, the q, k, v and out-projection matmuls, a dense FFN's two matmuls; a routed
+        FFN keeps only its router's E logits. G: a dense FFN's backward holds the gradients of
+        its hidden layer, 2w; moe_kernels' expert backward gathers the tokens and their output
+        gradients again, recomputes the hidden rows and their activation and holds their
+        gradients before and after the gates and the activation, 6w + 3kd; the torch backend
+        runs it in chunks of tokens, which the plan does not count on)
     Transformer-XL, memory M, context c = L + M, adds
                               A: (M / L)(2d + 2i) + 2hc   S: (M / L) 2i + hc   K: (M / L) d
         (the memory, its LayerNorm, keys and values; the positional scores and the attention
         bias, materialised per head)
     sMLP gMLP block           A = 2d + 3.5F + rd    S = 2d + 1.5F    K = d    G = 2F
-    sMLP sparse block         A = 6d + 2rd + 2w     S = 3d + E       K = d    G = 6w + 3kd
+    sMLP sparse block         A = 6d + 2rd          S = 3d + E       K = d    G = 6w + 3kd
 
 Under EP (ep > 1) a routed FFN also holds the tokens it received, k d = w d / expert_size, in A.
 The body by train.activation_checkpointing:
@@ -75,7 +76,6 @@ off.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -88,14 +88,12 @@ from moe_train.errors import CLIError
 
 GIB = 2**30
 DTYPES = {"fp32": 4, "bf16": 2}
-CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How the ranks split the model: dp_replicate x dp_shard = world_size, ep divides
-    dp_shard. `legacy_expert_shards` > 1: today's trainer (DDP with the experts sharded over the
-    world by moe_layers.ExpertParallel): dense parts whole, experts divided by it."""
+    """How the ranks split the model (moe_train.parallelize.Layout) and the train.* keys that
+    change what a rank holds."""
 
     world_size: int = 1
     dp_replicate: int = 1
@@ -105,66 +103,29 @@ class Layout:
     reduce_dtype: str = "fp32"
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"
-    legacy_expert_shards: int = 1
 
     @classmethod
-    def from_train(cls, train_cfg, world_size: int = 1, legacy_expert_shards: int = 1) -> Layout:
-        """The layout of train_cfg's `dp_replicate`, `dp_shard` (-1: what dp_replicate leaves),
-        `ep` and precision keys on world_size ranks; a CLIError names a value that cannot be."""
-        replicate = getattr(train_cfg, "dp_replicate", 1)
-        shard = getattr(train_cfg, "dp_shard", -1)
-        ep = getattr(train_cfg, "ep", 1)
-        for name, value in (("dp_replicate", replicate), ("ep", ep)):
-            if value < 1:
-                raise CLIError(f"train.{name} must be a positive integer, got {value}")
-        if shard == -1:
-            if world_size % replicate:
-                raise CLIError(
-                    f"train.dp_replicate={replicate} does not divide the world size {world_size}"
-                )
-            shard = world_size // replicate
-        elif shard < 1:
-            raise CLIError(f"train.dp_shard must be a positive integer or -1, got {shard}")
-        if replicate * shard != world_size:
-            raise CLIError(
-                f"train.dp_replicate={replicate} x train.dp_shard={shard} must equal the world "
-                f"size {world_size}"
-            )
-        if ep == 1 and getattr(train_cfg, "expert_parallel", False) and legacy_expert_shards == 1:
-            ep = shard
-        if shard % ep:
-            raise CLIError(f"train.ep={ep} must divide train.dp_shard={shard}")
-        layout = cls(
-            world_size=world_size,
-            dp_replicate=replicate,
-            dp_shard=shard,
-            ep=ep,
-            param_dtype=getattr(train_cfg, "param_dtype", "fp32"),
-            reduce_dtype=getattr(train_cfg, "reduce_dtype", "fp32"),
-            reshard_after_forward=getattr(train_cfg, "reshard_after_forward", True),
-            activation_checkpointing=getattr(train_cfg, "activation_checkpointing", "none"),
-            legacy_expert_shards=legacy_expert_shards,
-        )
-        for name in ("param_dtype", "reduce_dtype"):
-            if getattr(layout, name) not in DTYPES:
-                raise CLIError(
-                    f"train.{name} must be one of {', '.join(DTYPES)}, got {getattr(layout, name)!r}"
-                )
-        if layout.activation_checkpointing not in CHECKPOINTING:
-            raise CLIError(
-                f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
-                f"got {layout.activation_checkpointing!r}"
-            )
-        return layout
+    def from_train(cls, train_cfg, world_size: int = 1) -> Layout:
+        """The layout train_cfg asks for on world_size ranks (a one-line CLIError when its
+        numbers do not fit the world size: moe_train.parallelize.resolve_layout)."""
+        from moe_train.parallelize import resolve_layout
 
-    @property
-    def expert_degree(self) -> int:
-        return self.legacy_expert_shards if self.legacy_expert_shards > 1 else self.dp_shard
+        mesh = resolve_layout(train_cfg, world_size)
+        return cls(
+            world_size=world_size,
+            dp_replicate=mesh.dp_replicate,
+            dp_shard=mesh.dp_shard,
+            ep=mesh.ep,
+            param_dtype=train_cfg.param_dtype,
+            reduce_dtype=train_cfg.reduce_dtype,
+            reshard_after_forward=train_cfg.reshard_after_forward,
+            activation_checkpointing=train_cfg.activation_checkpointing,
+        )
 
     @property
     def fsdp(self) -> bool:
         """Whether FSDP2 runs (on every layout of more than one process) and gathers copies."""
-        return self.legacy_expert_shards == 1 and self.world_size > 1
+        return self.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -255,8 +216,6 @@ def plan(model_cfg, train_cfg, micro_batch: int, layout: Layout | None = None) -
 
     def held(t: Tensor) -> int:
         if t.experts:
-            if layout.legacy_expert_shards > 1:
-                return t.held(layout.legacy_expert_shards)
             sliced = Tensor(t.numel // layout.ep, t.rows // layout.ep, t.experts)
             return sliced.held(layout.dp_shard // layout.ep)
         return t.held(layout.dp_shard)
@@ -328,18 +287,18 @@ def _layer_terms(model_cfg, i: int, ep: int) -> tuple[float, float, float, float
     A = S = G = 0.0
     for f in ffns:
         w = _width(f, d)
-        A, G = A + 2 * w, G + 2 * w
         if _routed(f):
-            # moe_kernels' expert backward gathers the tokens and their output gradients again
-            # (k d each), rebuilds the hidden rows and their activation, and holds their
-            # gradients before and after the gates and the activation: 6 w + 3 k d in all.
-            # Of the layer's matmuls only the router's (E logits) is an aten matmul.
+            # moe_kernels' expert MLP saves no hidden rows: its backward gathers the tokens and
+            # their output gradients again (k d each), recomputes the hidden rows and their
+            # activation and holds their gradients before and after the gates and the
+            # activation, 6 w + 3 k d. Of the layer's matmuls only the router's (E logits) is
+            # an aten matmul.
             kd = w * d / f.expert_size
-            G, S = G + 4 * w + 3 * kd, S + f.n_experts
+            G, S = G + 6 * w + 3 * kd, S + f.n_experts
             if ep > 1:  # the all-to-all's output, k tokens of d, is the experts' saved input
                 A += kd
         else:
-            S += w + d
+            A, G, S = A + 2 * w, G + 2 * w, S + w + d
     if c.arch == "smlp":
         return A + 6 * d + 2 * r * d, S + 3 * d, d, G
     i_ = c.n_heads * c.head_dim
@@ -410,17 +369,12 @@ def describe(p: Plan) -> str:
     )
 
 
-def preflight(
-    model_cfg, train_cfg, micro_batch: int, device: torch.device, expert_shards=1, world_size=1
-):
-    """Raise a one-line CLIError when the plan exceeds what `device` (and, for CUDA, the host)
-    has available. expert_shards > 1: today's DDP + ExpertParallel layout (see Layout)."""
+def preflight(model_cfg, train_cfg, micro_batch: int, device: torch.device, world_size=1):
+    """Raise a one-line CLIError when the plan of train_cfg's layout on world_size ranks
+    exceeds what `device` (and, for CUDA, the host) has available."""
     if train_cfg.skip_memory_check:
         return
-    layout = Layout.from_train(train_cfg, world_size, legacy_expert_shards=expert_shards)
-    if expert_shards > 1:
-        layout = dataclasses.replace(layout, dp_replicate=world_size, dp_shard=1, ep=1)
-    p = plan(model_cfg, train_cfg, micro_batch, layout)
+    p = plan(model_cfg, train_cfg, micro_batch, Layout.from_train(train_cfg, world_size))
     hint = "use a smaller model or batch, or train.skip_memory_check=true to try anyway"
     rank = " per rank" if world_size > 1 else ""
     free = device_available(device)
