@@ -26,14 +26,18 @@ gloo (CPU) and NCCL (CUDA) both support `all_to_all_single` with uneven splits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moe_layers.base import Experts, RoutedMoE
+
+if TYPE_CHECKING:
+    # torch.distributed.tensor imports sympy and torch's symbolic shapes (seconds): it is imported
+    # where experts are sharded, not by every program that imports moe_layers
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 class AllToAll(torch.autograd.Function):
@@ -128,6 +132,8 @@ class ShardedExperts(Experts):
         self.bias = experts.bias
         self.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), experts.n_experts)
         self.n_local = self.dispatcher.n_local
+        from torch.distributed.tensor import Shard, distribute_tensor
+
         # every expert weight is [E, ...]; scattered from the mesh's first rank, so that every
         # rank starts from the same experts
         for name, weight in experts.named_parameters(recurse=False):
@@ -143,7 +149,8 @@ class ShardedExperts(Experts):
 
 
 def _local(w: Tensor) -> Tensor:
-    return w.to_local() if isinstance(w, DTensor) else w
+    """A DTensor's local shard (DTensor named by its method: see the imports), else w."""
+    return w.to_local() if hasattr(w, "to_local") else w
 
 
 def shard_experts(layer: RoutedMoE, ep_mesh: DeviceMesh) -> ShardedExperts:
