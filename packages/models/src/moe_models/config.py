@@ -98,7 +98,7 @@ class ModelConfig:
     moe_placement: str = "ffn"
     n_moe_layers: int | None = None
     layer_ffn: dict[int, Any] = field(default_factory=dict)
-    moeut_group_size: int = 2
+    moeut_group_size: int = 1
     smlp_d_ff: int = 0
     smlp_n_chunks: int = 4
     smlp_routing: str = "deterministic"
