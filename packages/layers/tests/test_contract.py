@@ -20,6 +20,7 @@ from moe_layers import (
     SBaseMoE,
     SigmaMoE,
     SMoE,
+    SwitchHead,
     SwitchMoE,
     TMoE,
     TokenChoiceMoE,
@@ -46,9 +47,11 @@ LAYERS = [
         dict(d_model=D, n_experts=4, expert_size=3, k=2, n_shared_experts=1, z_loss_weight=0.1),
     ),
     (CausalSGU, dict(d_ffn=D, seq_len=T)),
+    (SwitchHead, dict(d_model=D, n_heads=2, n_experts=3, k=2, entropy_weight=0.1)),
 ]
-# CausalSGU maps [..., T, d_ffn] -> [..., T, d_ffn // 2]: not an FFN replacement
-FFN_LAYERS = [(cls, kw) for cls, kw in LAYERS if cls is not CausalSGU]
+# CausalSGU maps [..., T, d_ffn] -> [..., T, d_ffn // 2] and SwitchHead is self-attention (its
+# contract is tested in test_switchhead.py and by the models' attention contract): no FFN blocks
+FFN_LAYERS = [(cls, kw) for cls, kw in LAYERS if cls not in (CausalSGU, SwitchHead)]
 AUX_IN_TRAINING = {
     SigmaMoE: {"entropy"},
     SBaseMoE: {"entropy"},
@@ -221,6 +224,8 @@ BAD_VALUES = [
     (CausalSGU, "d_ffn", 5),
     (CausalSGU, "d_ffn", 0),
     (CausalSGU, "seq_len", 0),
+    (SwitchHead, "k", 4),
+    (SwitchHead, "positions", "abs"),
 ]
 
 
@@ -343,6 +348,11 @@ ACTIVE = {
         + m.config.k * _per_expert(m)
         + (0 if m.shared is None else sum(p.numel() for p in m.shared.parameters()))
     ),
+    # every head's q, k (and XL) maps and selectors, but only k of its E value and output experts
+    SwitchHead: lambda m: (
+        sum(p.numel() for p in m.parameters())
+        - (m.w_v.numel() + m.w_o.numel()) // m.n_experts * (m.n_experts - m.config.k)
+    ),
     # the dense path reads every value row
     PKM: lambda m: (
         m.keys.numel()
@@ -389,6 +399,9 @@ SIZES = [
         ),
     ),
     (CausalSGU, dict(d_ffn=4, seq_len=9)),
+    (SwitchHead, dict(d_model=6, n_heads=3, n_experts=1, k=1)),
+    (SwitchHead, dict(d_model=5, n_heads=2, n_experts=4, k=3, d_head=3, positions="xl")),
+    (SwitchHead, dict(d_model=4, n_heads=1, n_experts=2, k=1, peri_norm=True)),
 ]
 
 
