@@ -21,6 +21,7 @@ FFN_OPTIONS = {
     "base": dict(n_experts=4, expert_size=16),
     "hash": dict(n_experts=4, expert_size=16),
     "tmoe": dict(n_experts=4, expert_size=16),
+    "token_choice": dict(n_experts=4, expert_size=16, k=2, n_shared_experts=1, z_loss_weight=1e-3),
 }
 
 
