@@ -74,6 +74,21 @@ class LanguageModel(nn.Module):
                 f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}"
             )
 
+    def check_memory(self, tokens: Tensor, mems, n: int, per: str) -> None:
+        """A Transformer-XL-style memory: `n` tensors [B, M, d_model], one per `per`."""
+        if not isinstance(mems, list | tuple) or len(mems) != n:
+            raise ValueError(
+                f"state must be the memory of the previous segment, one tensor per {per} ({n}), "
+                f"got {type(mems).__name__} of length "
+                f"{len(mems) if isinstance(mems, list | tuple) else '-'}"
+            )
+        if any(m.shape[0] != tokens.shape[0] or m.shape[-1] != self.config.d_model for m in mems):
+            raise ValueError(
+                f"state must be [B={tokens.shape[0]}, M, d_model={self.config.d_model}] tensors "
+                f"(the .state of the previous segment of the same batch), got "
+                f"{tuple(mems[0].shape)}"
+            )
+
     def finish(
         self, logits_BLV: Tensor, targets: Tensor | None, state=None, aux_losses=None
     ) -> ModelOutput:

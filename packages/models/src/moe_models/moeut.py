@@ -101,19 +101,7 @@ class MoEUT(LanguageModel):
             self.head.weight = self.embedding.weight
 
     def check_state(self, tokens: Tensor, mems) -> None:
-        n = self.config.n_layers
-        if not isinstance(mems, list | tuple) or len(mems) != n:
-            raise ValueError(
-                f"state must be the memory of the previous segment, one tensor per layer "
-                f"application ({n}), got {type(mems).__name__} of length "
-                f"{len(mems) if isinstance(mems, list | tuple) else '-'}"
-            )
-        if any(m.shape[0] != tokens.shape[0] or m.shape[-1] != self.config.d_model for m in mems):
-            raise ValueError(
-                f"state must be [B={tokens.shape[0]}, M, d_model={self.config.d_model}] tensors "
-                f"(the .state of the previous segment of the same batch), got "
-                f"{tuple(mems[0].shape)}"
-            )
+        self.check_memory(tokens, mems, self.config.n_layers, "layer application")
 
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, *, state: list[Tensor] | None = None

@@ -78,25 +78,33 @@ def register_attention(name: str, config_cls: type) -> None:
     _register(_ATTENTIONS, "attention", "register_attention", name, config_cls)
 
 
-def ffn_config_class(name: str) -> type:
-    if name not in _REGISTRY:
+def _config_class(registry: dict, what: str, function: str, name: str) -> type:
+    if name not in registry:
         raise ValueError(
-            f"unknown ffn type {name!r}; registered: {', '.join(_REGISTRY)} "
-            "(a layer of your own is registered with moe_models.register_ffn, or --plugin in the CLI)"
+            f"unknown {what} type {name!r}; registered: {', '.join(registry)} (a layer of your "
+            f"own is registered with moe_models.{function}, or --plugin in the CLI)"
         )
-    return _REGISTRY[name]
+    return registry[name]
+
+
+def _registered_name(registry: dict, what: str, function: str, config) -> str:
+    cls = config if isinstance(config, type) else type(config)
+    for name, registered in registry.items():
+        if registered is cls:
+            return name
+    raise ValueError(
+        f"{cls.__name__} is not a registered {what} config class (register it with "
+        f"moe_models.{function})"
+    )
+
+
+def ffn_config_class(name: str) -> type:
+    return _config_class(_REGISTRY, "ffn", "register_ffn", name)
 
 
 def ffn_name(config) -> str:
     """The registered name of an FFN config (or config class)."""
-    cls = config if isinstance(config, type) else type(config)
-    for name, registered in _REGISTRY.items():
-        if registered is cls:
-            return name
-    raise ValueError(
-        f"{cls.__name__} is not a registered FFN config class (register it with "
-        "moe_models.register_ffn)"
-    )
+    return _registered_name(_REGISTRY, "FFN", "register_ffn", config)
 
 
 def registered_ffns() -> list[str]:
@@ -104,24 +112,12 @@ def registered_ffns() -> list[str]:
 
 
 def attention_config_class(name: str) -> type:
-    if name not in _ATTENTIONS:
-        raise ValueError(
-            f"unknown attention type {name!r}; registered: {', '.join(_ATTENTIONS)} (a layer "
-            "of your own is registered with moe_models.register_attention, or --plugin in the CLI)"
-        )
-    return _ATTENTIONS[name]
+    return _config_class(_ATTENTIONS, "attention", "register_attention", name)
 
 
 def attention_name(config) -> str:
     """The registered name of an attention config (or config class)."""
-    cls = config if isinstance(config, type) else type(config)
-    for name, registered in _ATTENTIONS.items():
-        if registered is cls:
-            return name
-    raise ValueError(
-        f"{cls.__name__} is not a registered attention config class (register it with "
-        "moe_models.register_attention)"
-    )
+    return _registered_name(_ATTENTIONS, "attention", "register_attention", config)
 
 
 def registered_attentions() -> list[str]:

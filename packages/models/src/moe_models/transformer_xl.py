@@ -109,18 +109,7 @@ class TransformerXL(LanguageModel):
         return XLCache([None] * len(self.layers))
 
     def check_state(self, tokens: Tensor, mems: list[Tensor]) -> None:
-        if not isinstance(mems, list | tuple) or len(mems) != len(self.layers):
-            raise ValueError(
-                f"state must be the memory of the previous segment, one tensor per layer "
-                f"({len(self.layers)}), got {type(mems).__name__} of length "
-                f"{len(mems) if isinstance(mems, list | tuple) else '-'}"
-            )
-        if any(m.shape[0] != tokens.shape[0] or m.shape[-1] != self.config.d_model for m in mems):
-            raise ValueError(
-                f"state must be [B={tokens.shape[0]}, M, d_model={self.config.d_model}] tensors "
-                f"(the .state of the previous segment of the same batch), got "
-                f"{tuple(mems[0].shape)}"
-            )
+        self.check_memory(tokens, mems, len(self.layers), "layer")
 
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, *, state: list[Tensor] | None = None
