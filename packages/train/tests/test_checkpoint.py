@@ -92,11 +92,63 @@ def test_damaged_or_foreign_folders_are_one_line_errors_naming_them(tmp_path, da
     assert str(folder) in message and "\n" not in message
 
 
-def test_a_file_of_the_old_format_is_a_one_line_error(tmp_path):
-    old = tmp_path / "step-00000001.pt"
-    torch.save({"format": ckpt.FORMAT, "version": 2}, old)
-    with pytest.raises(CLIError, match="checkpoints are folders"):
+def legacy_file(path: Path, version: int = 2, **payload) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": ckpt.FORMAT, "version": version, **payload}, path)
+    return path
+
+
+def test_files_of_format_2_load_their_model_but_do_not_resume(tmp_path):
+    run = tmp_path / "run"
+    for step in (3, 12):
+        legacy_file(run / "checkpoints" / f"step-{step:08d}.pt", **payload(step))
+    for where in (run, run / "checkpoints", run / "checkpoints" / "step-00000012.pt"):
+        loaded = ckpt.load(where)
+        assert loaded["step"] == 12 and torch.equal(loaded["model"]["w"], torch.full((3,), 12.0))
+    with pytest.raises(CLIError, match="resumes only from folders of version 3") as info:
+        ckpt.load_newest(run, tensors=False)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "version, content, match",
+    [
+        (1, payload(1), "format version 1, expected 3 .a folder. or 2 .a file."),
+        (2, {"step": 1}, "incomplete: missing run_config, model"),
+    ],
+)
+def test_a_file_of_another_format_or_incomplete_is_a_one_line_error(
+    tmp_path, version, content, match
+):
+    old = legacy_file(tmp_path / "step-00000001.pt", version, **content)
+    with pytest.raises(CLIError, match=match):
         ckpt.load(old)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CLIError, match="checkpoints are folders"):
+        ckpt.load(other)
+
+
+def test_a_run_of_format_2_evaluates_and_generates(cli, tmp_path):
+    from moe_train import loading
+
+    run = tmp_path / "run"
+    assert cli.train(run, "--max-steps", "2", preset="tiny-dense")[0] == 0
+    new = ckpt.load(run)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in run.iterdir():
+        if f.is_file():
+            (old / f.name).write_bytes(f.read_bytes())
+    legacy_file(
+        old / "checkpoints" / "step-00000002.pt",
+        **{k: new[k] for k in ("run_config", "model", "step")},
+    )
+    model = loading.load(old, device="cpu").model
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, new["model"][name]), name
+    rc, out, err = cli("generate", old, "--prompt", "The", "--max-new-tokens", "3", "--seed", "1")
+    assert rc == 0, err
 
 
 def test_write_makes_a_one_process_checkpoint_folder(tmp_path):

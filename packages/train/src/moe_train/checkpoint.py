@@ -44,6 +44,9 @@ FORMAT = "moe-train-checkpoint"
 # 3: DCP folders (model and optimiser keyed by parameter name, sharded per rank)
 VERSION = 3
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# version 2 was one torch.save file per checkpoint, `step-N.pt`: still read for its weights
+LEGACY_VERSION = 2
+LEGACY_FILE = re.compile(r"^step-(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
 META = "meta.pt"
 DCP_METADATA = ".metadata"
@@ -194,17 +197,14 @@ def load(path: str | Path, *, tensors: bool = True) -> dict:
     process. Any problem is a one-line CLIError naming the folder."""
     path = Path(path)
     if path.is_dir() and not (path / META).exists():
-        found = latest(path)
+        found = latest(path) or _legacy_latest(path)
         if found is None:
             raise CLIError(f"no checkpoint found in {path}")
         path = found
     if not path.exists():
         raise CLIError(f"checkpoint {path} does not exist")
     if not path.is_dir():
-        raise CLIError(
-            f"{path} is not a moe-train checkpoint (checkpoints are folders such as "
-            "RUN/checkpoints/step-00001000; files of moe-train before format 3 cannot be read)"
-        )
+        return _load_legacy(path, tensors)
     if not (path / META).is_file():
         raise CLIError(f"checkpoint {path} is incomplete: no {META}")
     payload = _read(path / META)
@@ -227,6 +227,48 @@ def load(path: str | Path, *, tensors: bool = True) -> dict:
     if tensors:
         payload["model"] = read_tensors(path, "model")
     return payload
+
+
+def _legacy_latest(run_or_ckpt_dir: Path) -> Path | None:
+    """The newest `step-N.pt` of a run written before checkpoints were folders (version 2)."""
+    d = (
+        run_or_ckpt_dir / "checkpoints"
+        if (run_or_ckpt_dir / "checkpoints").is_dir()
+        else run_or_ckpt_dir
+    )
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := LEGACY_FILE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def _load_legacy(path: Path, tensors: bool) -> dict:
+    """A version-2 checkpoint file: its run config, step and whole model state dict. It is read
+    for the model (eval, generate, export, ...); its optimiser and data states are not resumed."""
+    payload = _read(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CLIError(
+            f"{path} is not a moe-train checkpoint (checkpoints are folders such as "
+            "RUN/checkpoints/step-00001000, or step-N.pt files of format version 2)"
+        )
+    if payload.get("version") != LEGACY_VERSION:
+        raise CLIError(
+            f"checkpoint {path} has format version {payload.get('version')}, expected "
+            f"{VERSION} (a folder) or {LEGACY_VERSION} (a file)"
+        )
+    missing = [k for k in ("run_config", "model", "step") if k not in payload]
+    if missing:
+        raise CLIError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if not tensors:
+        raise CLIError(
+            f"checkpoint {path} is a file of format version {LEGACY_VERSION}: its model loads "
+            "(eval, generate, export, finetune), but training resumes only from folders of "
+            f"version {VERSION}"
+        )
+    return {
+        "run_config": payload["run_config"],
+        "step": payload["step"],
+        "model": payload["model"],
+        "path": str(path),
+    }
 
 
 def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -272,6 +314,8 @@ def load_newest(run_or_ckpt_dir: str | Path, on_skip=None, *, tensors: bool = Tr
     if (d / "checkpoints").is_dir():
         d = d / "checkpoints"
     files = [path for _, path in reversed(step_files(d))]
+    if not files and d.is_dir() and (legacy := _legacy_latest(d)) is not None:
+        return load(legacy, tensors=tensors)
     first_error = None
     for path in files:
         try:
