@@ -189,13 +189,7 @@ def ffn_config(spec, model: ModelConfig, *, where: str, base=None):
             f"{where} must be a registered FFN name, a dict of options or a layer config, "
             f"got {spec!r}"
         )
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        valid = ", ".join(sorted(names - set(MODEL_FIELDS)))
-        raise ValueError(
-            f"unknown option(s) {unknown} of {where} ({ffn_name(cls)}); valid: {valid}"
-        )
+    names = _check_known_options(cls, options, MODEL_FIELDS, where, ffn_name(cls))
     for key in MODEL_DEFAULTS:
         if key in names and key not in options:
             options[key] = getattr(model, key)
@@ -262,13 +256,7 @@ def attention_config(spec, model: ModelConfig, *, where: str, base=None):
             f"{where} ({attention_name(cls)}) keeps a {'/'.join(cls.state_kinds)} state, but arch "
             f"{model.arch!r} needs one of kind {kind!r} (see moe_models.attention)"
         )
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        valid = ", ".join(sorted(names - set(ATTENTION_MODEL_FIELDS)))
-        raise ValueError(
-            f"unknown option(s) {unknown} of {where} ({attention_name(cls)}); valid: {valid}"
-        )
+    _check_known_options(cls, options, ATTENTION_MODEL_FIELDS, where, attention_name(cls))
     owned = _attention_fields(model, cls)
     options = {k: v for k, v in options.items() if k not in owned}
     if dataclasses.is_dataclass(spec) and all(getattr(spec, k) == v for k, v in owned.items()):
@@ -277,6 +265,17 @@ def attention_config(spec, model: ModelConfig, *, where: str, base=None):
         return cls(**options, **owned)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def _check_known_options(cls, options: dict, owned, where: str, name: str) -> set[str]:
+    """The field names of layer config class `cls`; a ValueError listing the valid ones (those
+    the model does not own) when `options` names another."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        valid = ", ".join(sorted(names - set(owned)))
+        raise ValueError(f"unknown option(s) {unknown} of {where} ({name}); valid: {valid}")
+    return names
 
 
 def _with_model_fields(spec, model, where: str):
