@@ -1,5 +1,5 @@
-"""torchrun with 2 and 4 gloo processes: every layout against one process, a checkpoint that
-reshards from 4 ranks to 2 to 1 and back, a rank killed in the middle of a save."""
+"""torchrun with 2 and 4 gloo processes: every layout against one process, the model built
+shard by shard with the 1-process weights, a checkpoint that reshards from 4 ranks to 2 to 1 and back, a rank killed in the middle of a save."""
 
 import os
 import subprocess
@@ -34,6 +34,16 @@ def test_every_4_rank_layout_matches_one_process_and_shards_the_state():
     done = torchrun(4, HERE / "layout_worker.py")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "per-rank state bytes" in done.stderr
+
+
+@pytest.mark.slow
+def test_every_rank_builds_only_its_shards_with_the_one_process_weights():
+    """build_model on 4 ranks (dp_shard=4; ep=2; dp_replicate=2 x dp_shard=2 with ep=2; ep=4):
+    every parameter and buffer equals the 1-process build's, a buffer no state dict carries
+    included; only rank 0's memory grows by the whole model (build_worker.py)."""
+    done = torchrun(4, HERE / "build_worker.py")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "rank 1: resident memory grew" in done.stderr
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from moe_train import checkpoint as ckpt
 from moe_train import memory, run_state, rundir
+from moe_train.build import build_model, build_optimizer
 from moe_train.config import RunConfig
 from moe_train.data import Batches, check_eval_split, load_corpus
 from moe_train.distributed import DistEnv, gather_to_all, mean_over_ranks, setup, sum_over_ranks
@@ -48,7 +49,6 @@ from moe_train.metrics import (
 from moe_train.parallelize import (
     build_mesh,
     clip_grad_norm_,
-    parallelize,
     resolve_layout,
     scale_expert_grads,
 )
@@ -109,19 +109,6 @@ def _vocab_size_was_set(cfg: RunConfig) -> bool:
         return False
 
 
-def build_optimizer(model: torch.nn.Module, train) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases or other vectors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
-
-
 def detach_state(state):
     """The model state without its autograd history (it feeds the next step as an input)."""
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), state)
@@ -180,7 +167,15 @@ class Trainer:
             self._clear_history()
         self.mesh = build_mesh(self.layout, self.env.device)
         self.dp_group = None if self.mesh is None else self.mesh["dp"].get_group()
-        self.model = self._build_model()
+        # a resumed run's weights come from its checkpoint (run_state.restore)
+        self.model = build_model(
+            self.cfg.model,
+            self.cfg.train,
+            self.mesh,
+            self.layout,
+            self.env.device,
+            weights=payload is None,
+        )
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.train)
         self.scaler = torch.amp.GradScaler(enabled=self.cfg.train.precision == "fp16")
@@ -315,12 +310,6 @@ class Trainer:
 
     def _eval_batch_size(self) -> int:
         return max(self.cfg.train.eval_batch_size // self.env.world_size, 1)
-
-    def _build_model(self) -> torch.nn.Module:
-        # the same initial weights on every rank: FSDP2 keeps each rank's shard of them
-        torch.manual_seed(self.cfg.train.seed)
-        model = moe_models.build(self.cfg.model).to(self.env.device)
-        return parallelize(model, self.mesh, self.layout, self.cfg.train)
 
     def _build_batches(self) -> Batches:
         env, train = self.env, self.cfg.train
