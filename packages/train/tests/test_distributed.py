@@ -80,3 +80,23 @@ def test_a_checkpoint_reshards_4_to_2_to_1_and_back_and_survives_a_kill_mid_save
     for step in one:
         assert split[step] == pytest.approx(one[step], rel=1e-5), step
     assert not list((run / "checkpoints").glob(ckpt.TMP_PREFIX + "*"))
+
+
+@pytest.mark.slow
+def test_compile_with_fsdp2_and_expert_parallelism_gives_the_eager_losses(cli, tmp_path):
+    """--compile on 2 ranks with the experts sharded over both (dp_shard=2, ep=2; compiled per
+    block with aot_eager: compile_worker.py) trains to the losses of the eager 1-process run
+    (rel 1e-5). Without the σ-MoE entropy regulariser, which is computed per rank."""
+    model = [*cli.tiny_model("tiny-sigma-moe"), "n_layers=2", "dropout=0", "ffn.entropy_weight=0"]
+    args = [*cli.TINY_TRAIN, *model, "--device", "cpu", "--max-steps", "3"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    rc, _, err = cli("train", "--preset", "tiny-sigma-moe", "--out", eager, *args)
+    assert rc == 0, err
+    run = torchrun(2, HERE / "compile_worker.py", "train", "--preset", "tiny-sigma-moe",
+                   "--out", compiled, *args, "--compile", "train.ep=2")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "dp_shard=2, ep=2" in run.stdout
+    assert run.stderr.count("rank compiled 2 modules: XLLayer, XLLayer") == 2
+    got, want = cli.losses(compiled), cli.losses(eager)
+    assert sorted(got) == [1, 2, 3]
+    assert got == pytest.approx(want, rel=1e-5)
