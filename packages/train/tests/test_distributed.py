@@ -10,6 +10,12 @@ import pytest
 from moe_train import checkpoint as ckpt
 
 HERE = Path(__file__).parent
+# what layout_worker.py checks: preset -> number of 4-rank layouts
+LAYOUTS_CHECKED = {
+    **dict.fromkeys(["tiny-sigma-moe", "tiny-switch", "tiny-gshard", "tiny-base"], 4),
+    **dict.fromkeys(["tiny-sbase", "tiny-moeut"], 4),
+    **dict.fromkeys(["tiny-hash", "tiny-smlp"], 2),
+}
 
 
 def torchrun(nproc: int, *argv, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -28,12 +34,16 @@ def torchrun(nproc: int, *argv, env=None, timeout=600) -> subprocess.CompletedPr
 @pytest.mark.slow
 def test_every_4_rank_layout_matches_one_process_and_shards_the_state():
     """dp_shard=4, dp_shard=4 with ep=2, dp_replicate=2 x dp_shard=2 with ep=2, and ep=4, for
-    tiny-sigma-moe, tiny-switch (tokens dropped), tiny-gshard and tiny-base: losses and updated
-    weights of two steps equal the 1-process run's (fp64; tolerances in layout_worker.py), and
-    a rank at dp_shard=4 holds at most 30% of the parameter, gradient and AdamW bytes."""
+    tiny-sigma-moe, tiny-switch (tokens dropped), tiny-gshard, tiny-base, tiny-sbase and
+    tiny-moeut (one layer shared by two applications), and the two with ep=2 for tiny-hash and
+    tiny-smlp (tMoE): losses and updated weights of two steps equal the 1-process run's (fp64;
+    tolerances in layout_worker.py), and a rank at dp_shard=4 holds at most 30% of the
+    parameter, gradient and AdamW bytes."""
     done = torchrun(4, HERE / "layout_worker.py")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "per-rank state bytes" in done.stderr
+    for preset, layouts in LAYOUTS_CHECKED.items():
+        assert f"{preset}: {layouts} layouts match one process" in done.stderr, preset
 
 
 @pytest.mark.slow
