@@ -10,6 +10,7 @@ from pathlib import Path
 import moe_data
 import moe_models
 import pytest
+import torch
 from moe_train import memory
 from moe_train.config import TrainConfig, resolve
 from moe_train.errors import CLIError
@@ -57,6 +58,37 @@ def test_sharded_parameters_and_gathered_copies_by_hand():
     # half (ep=2): 6528. bf16 copies of the root and both blocks (the one computing and the
     # next), and block 0's gradients in bf16 and fp32
     assert p.gathered == 2 * (8256 + 8544 + 6528) + (2 + 4) * 8544
+
+
+def test_the_build_holds_shards_on_the_device_and_the_whole_model_on_one_host():
+    """One process: the model it builds is the one it trains. Past one process the device holds
+    its fp32 shards and one whole tensor at a time (the largest: the 256 x 32 embedding), and
+    the whole fp32 model is built on rank 0's host alone."""
+    one = memory.plan(small(), TrainConfig(), 2)
+    assert one.build == one.parameters <= one.peak == one.total
+    assert one.host == 4 * 25376
+    sharded = memory.plan(small(), TrainConfig(), 2, Layout(world_size=4, dp_shard=4, ep=2))
+    assert sharded.largest == 256 * 32
+    assert sharded.build == 4 * (25376 // 4) + 4 * 256 * 32
+    assert sharded.peak == sharded.total and sharded.host == one.host
+
+
+def test_the_host_check_is_rank_0s_of_a_fresh_run(monkeypatch):
+    """Past one process on the CPU rank 0 needs the whole fp32 model beside its own peak; the
+    other ranks, and a resumed run (its weights come from the checkpoint), check their device
+    alone; one process on the CPU trains the model it builds (the device check counts it)."""
+    cfg, train, cpu = small(), TrainConfig(), torch.device("cpu")
+    p = memory.plan(cfg, train, 2, Layout.from_train(train, 2))
+    monkeypatch.setattr(memory, "device_available", lambda device: 2**40)
+    monkeypatch.setattr(memory, "host_available", lambda: p.host + p.peak - 1)
+    with pytest.raises(CLIError, match="need 0.0 GiB of host memory to be built on rank 0") as e:
+        memory.preflight(cfg, train, 2, cpu, world_size=2)
+    assert "\n" not in str(e.value) and "skip_memory_check" in str(e.value)
+    memory.preflight(cfg, train, 2, cpu, world_size=2, rank=1)
+    memory.preflight(cfg, train, 2, cpu, world_size=2, fresh=False)
+    memory.preflight(cfg, train, 2, cpu)
+    monkeypatch.setattr(memory, "host_available", lambda: p.host + p.peak)
+    memory.preflight(cfg, train, 2, cpu, world_size=2)
 
 
 def test_activations_by_hand():
@@ -183,7 +215,7 @@ def test_info_plan_prints_each_part_and_whether_it_fits(cli):
     assert rows["weights (fp32 shards)"] == round(p.parameters / 2**30, 2)
     assert rows["activations (32-bit)"] == round(p.activations / 2**30, 2)
     assert rows["total"] == round(p.total / 2**30, 2)
-    assert rows["whole fp32 model, before sharding"] == round(4 * p.parameters_total / 2**30, 2)
+    assert rows["whole fp32 model, rank 0's host"] == round(4 * p.parameters_total / 2**30, 2)
     assert lines[-1].startswith("fits in 1 GiB")
     rc, out, _ = cli("info", "--preset", "tiny-gshard", "--plan", "--gpu-mem", "0.001")
     assert rc == 0 and out.splitlines()[-1].startswith("does not fit in 0.001 GiB")

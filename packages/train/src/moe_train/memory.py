@@ -65,13 +65,19 @@ transformer models") adapted to fused attention and routed FFNs. Left out: alloc
 fragmentation, optimiser temporaries, communication buffers, the CUDA context and the
 framework.
 
-build: the trainer builds the whole fp32 model on every rank (host, then device) before
-FSDP2 shards it, 4 P bytes at that moment; the plan's peak is the larger of that and the total.
+build (moe_train.build): one process builds the whole fp32 model on the host, then moves it to
+its device. Past one process no rank's device holds the whole model: every rank allocates its
+fp32 shards (4 P_r) and receives the weights one whole tensor at a time (T_max, the largest),
+build = 4 P_r + 4 T_max, less than the total in any plan worth running; the peak is the larger.
+The whole fp32 model, host = 4 P bytes, is built once, in the host memory of rank 0 (of the one
+process), for a fresh run; a resumed run reads its checkpoint into the shards instead.
 
-What is available: the free memory of the GPU (`torch.cuda.mem_get_info`) on CUDA, where the
-host must also hold the fp32 weights being built; on the CPU, MemAvailable from /proc/meminfo
-(elsewhere free physical pages from os.sysconf). `train.skip_memory_check=true` turns the check
-off.
+What is available: the free memory of the GPU (`torch.cuda.mem_get_info`) on CUDA; on the CPU,
+MemAvailable from /proc/meminfo (elsewhere free physical pages from os.sysconf). The host check
+is rank 0's (the one process's) for a fresh run: on CUDA, host <= MemAvailable; past one process
+on the CPU, host + peak <= MemAvailable (its shards live in the same memory). The other ranks of
+a node share its host and check their device alone. `train.skip_memory_check=true` turns the
+checks off.
 """
 
 from __future__ import annotations
@@ -183,6 +189,7 @@ class Plan:
     layout: Layout
     micro_batch: int
     parameters_total: int
+    largest: int
     held: int
     parameters: int
     gradients: int
@@ -200,12 +207,18 @@ class Plan:
 
     @property
     def build(self) -> int:
-        """The whole fp32 model, which every rank builds before it is sharded."""
-        return 4 * self.parameters_total
+        """What the device holds while the model is built: its fp32 shards and, past one
+        process, the largest whole tensor on its way to them."""
+        return self.parameters + (4 * self.largest if self.layout.fsdp else 0)
 
     @property
     def peak(self) -> int:
         return max(self.total, self.build)
+
+    @property
+    def host(self) -> int:
+        """The whole fp32 model, which rank 0 (or the one process) builds on the host."""
+        return 4 * self.parameters_total
 
 
 def plan(model_cfg, train_cfg, micro_batch: int, layout: Layout | None = None) -> Plan:
@@ -225,6 +238,7 @@ def plan(model_cfg, train_cfg, micro_batch: int, layout: Layout | None = None) -
         layout=layout,
         micro_batch=micro_batch,
         parameters_total=inv.total,
+        largest=max(t.numel for t in (*inv.root, *(t for b in inv.blocks for t in b))),
         held=held_params,
         parameters=4 * held_params,
         gradients=4 * held_params,
@@ -369,24 +383,39 @@ def describe(p: Plan) -> str:
     )
 
 
-def preflight(model_cfg, train_cfg, micro_batch: int, device: torch.device, world_size=1):
+def preflight(
+    model_cfg,
+    train_cfg,
+    micro_batch: int,
+    device: torch.device,
+    world_size=1,
+    *,
+    rank=0,
+    fresh=True,
+):
     """Raise a one-line CLIError when the plan of train_cfg's layout on world_size ranks
-    exceeds what `device` (and, for CUDA, the host) has available."""
+    exceeds what `device` has available, or (rank 0 of a fresh run, or one process) the whole
+    fp32 model does not fit the host beside it."""
     if train_cfg.skip_memory_check:
         return
     p = plan(model_cfg, train_cfg, micro_batch, Layout.from_train(train_cfg, world_size))
     hint = "use a smaller model or batch, or train.skip_memory_check=true to try anyway"
-    rank = " per rank" if world_size > 1 else ""
+    ranks = " per rank" if world_size > 1 else ""
     free = device_available(device)
     if free is not None and p.peak > free:
-        needs = describe(p) if p.total >= p.build else f"{gib(p.build)} to build the fp32 model"
+        needs = describe(p) if p.total >= p.build else f"{gib(p.build)} to build its shards"
         raise CLIError(
-            f"the run needs {needs}{rank} on {device} but {gib(free)} is available; {hint}"
+            f"the run needs {needs}{ranks} on {device} but {gib(free)} is available; {hint}"
         )
-    if device.type == "cuda":
-        host = host_available()
-        if host is not None and p.build > host:
-            raise CLIError(
-                f"the model's fp32 weights need {gib(p.build)} of host memory to be built, "
-                f"{gib(host)} is available; {hint}"
-            )
+    if rank != 0 or not (fresh or world_size == 1):
+        return
+    # one process on the CPU: the model it builds is the one it trains, counted above
+    beside = 0 if device.type == "cuda" else p.peak if world_size > 1 else None
+    host = host_available()
+    if beside is not None and host is not None and p.host + beside > host:
+        where = f" on rank 0 (beside its {gib(beside)})" if beside else ""
+        where = where or (" on rank 0" if world_size > 1 else "")
+        raise CLIError(
+            f"the model's fp32 weights need {gib(p.host)} of host memory to be built{where}, "
+            f"{gib(host)} is available; {hint}"
+        )

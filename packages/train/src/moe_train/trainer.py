@@ -162,7 +162,7 @@ class Trainer:
         if payload is not None:
             _check_resumable(payload, self.cfg)
         self._check_eval_split()
-        self._check_memory()
+        self._check_memory(fresh=payload is None)
         if self.opts.overwrite and payload is None:
             self._clear_history()
         self.mesh = build_mesh(self.layout, self.env.device)
@@ -290,7 +290,7 @@ class Trainer:
             env.world_size,
         )
 
-    def _check_memory(self) -> None:
+    def _check_memory(self, fresh: bool) -> None:
         error = None
         try:
             # per rank, for the layout of train.dp_replicate / dp_shard / ep on this world size
@@ -300,6 +300,8 @@ class Trainer:
                 self.micro_batch,
                 self.env.device,
                 world_size=self.env.world_size,
+                rank=self.env.rank,
+                fresh=fresh,
             )
         except CLIError as e:
             error = str(e)

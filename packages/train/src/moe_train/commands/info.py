@@ -127,7 +127,7 @@ def plan_table(cfg, nproc: int, gpu_mem: float) -> str:
         (f"FSDP gathered copies ({layout.param_dtype})", p.gathered),
         (f"activations ({'16' if lo else '32'}-bit)", p.activations),
         ("total", p.total),
-        ("whole fp32 model, before sharding", p.build),
+        ("whole fp32 model, rank 0's host", p.host),
     ]
     width = max(len(name) for name, _ in rows)
     held = f"{p.held / 1e9:.3f}B of {p.parameters_total / 1e9:.3f}B parameters"
@@ -140,6 +140,6 @@ def plan_table(cfg, nproc: int, gpu_mem: float) -> str:
         f"{'per rank':<{width}}  {'GiB':>7}",
         *(f"{name:<{width}}  {n / memory.GIB:7.2f}" for name, n in rows),
         f"{'fits' if p.peak <= budget else 'does not fit'} in {gpu_mem:g} GiB "
-        f"(peak {p.peak / budget:.0%}: the larger of the total and the whole model)",
+        f"(peak {p.peak / budget:.0%}; the whole model is built on the host only)",
     ]
     return "\n".join(lines)
