@@ -2,7 +2,7 @@
 
 `moe_train.build.build_model` on every 4-rank layout gives every rank the parameters and
 buffers of the plain model built on one process with the same seed (tiny-hash: its hash table
-is a buffer; tiny-sigma-moe), and a buffer registered with persistent=False, which no state dict
+is a buffer; tiny-sigma-moe; tiny-moeut: one layer applied in several places), and a buffer registered with persistent=False, which no state dict
 carries, takes rank 0's values with and without initial weights. First, how far a rank's peak
 resident memory grows while the model is built: rank 0's by the whole real model, every other
 rank's by its shards and a tensor on its way, far less.
@@ -103,7 +103,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     try:
         check_memory(dist.get_rank())
-        for preset in ("tiny-hash", "tiny-sigma-moe"):
+        for preset in ("tiny-hash", "tiny-sigma-moe", "tiny-moeut"):
             for layout in LAYOUTS:
                 check_weights(preset, layout)
         check_loose_buffer()
