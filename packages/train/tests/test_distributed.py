@@ -78,10 +78,11 @@ def test_a_checkpoint_reshards_4_to_2_to_1_and_back_and_survives_a_kill_mid_save
     assert "written by 4 rank(s), resuming on 2" in second.stderr
     assert ckpt.latest(run).name == "step-00000004"
     assert ckpt.load(run, tensors=False)["world_size"] == 2
-    # 1 process from the 2 ranks' step 4: steps 5-6
-    rc, _, err = cli("train", "--out", run, "--resume", "--stop-at", "6", *quiet, "train.ep=1")
+    # 1 process from the 2 ranks' step 4: steps 5-6, the saved ep=2 giving way (no key needed)
+    rc, _, err = cli("train", "--out", run, "--resume", "--stop-at", "6", *quiet)
     assert rc == 0, err
     assert "written by 2 rank(s), resuming on 1" in err
+    assert "note: the checkpoint's train.ep=2 does not fit 1 process(es)" in err
     # and back to 4 ranks with ep=2: steps 7-8
     last = torchrun(4, *module, "--resume", *quiet, "train.ep=2")
     assert last.returncode == 0, last.stderr[-3000:]

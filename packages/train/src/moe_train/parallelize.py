@@ -22,6 +22,7 @@ One process: no mesh, no FSDP2, the plain model (there is nothing to shard over)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -88,6 +89,37 @@ def resolve_layout(train, world_size: int) -> Layout:
             "dp_shard's ranks)"
         )
     return Layout(rep, shard, ep)
+
+
+LAYOUT_KEYS = ("dp_replicate", "dp_shard", "ep", "expert_parallel")
+
+
+def layout_for_resume(saved, given: set[str], world_size: int):
+    """The train config a resumed run uses on `world_size` ranks, and a note (None when nothing
+    changed). The layout keys the user gave (`given`) are theirs; the others are the saved run's
+    where they still fit this world size, else the defaults: first ep (and expert_parallel),
+    then dp_replicate and dp_shard, then all of them. When nothing fits, the user's keys do
+    not: the defaults around them are returned, and resolve_layout then names the user's key."""
+    defaults = type(saved)()
+    candidates = [(), ("ep", "expert_parallel"), ("dp_replicate", "dp_shard"), LAYOUT_KEYS]
+    for reset in candidates:
+        keys = [k for k in reset if k not in given and getattr(saved, k) != getattr(defaults, k)]
+        if reset and not keys:
+            continue
+        train = dataclasses.replace(saved, **{k: getattr(defaults, k) for k in keys})
+        try:
+            layout = resolve_layout(train, world_size)
+        except CLIError:
+            continue
+        if not keys:
+            return train, None
+        was = ", ".join(f"train.{k}={getattr(saved, k)}" for k in keys)
+        now = ", ".join(f"train.{k}={getattr(train, k)}" for k in keys)
+        return train, (
+            f"note: the checkpoint's {was} does not fit {world_size} process(es); resuming with "
+            f"{now} ({layout.describe()}; set the train.* layout keys to choose another)"
+        )
+    return train, None
 
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh | None:

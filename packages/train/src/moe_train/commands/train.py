@@ -169,6 +169,13 @@ def resume_config(args, out_dir: Path) -> RunConfig:
     saved.train = apply_train_overrides(saved.train, flags, source="flags")
     saved.train = apply_train_overrides(saved.train, train_over, source="the command line")
     saved.train.validate()
+    from moe_train.parallelize import layout_for_resume
+
+    # the layout follows this run's world size unless the user sets it
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    saved.train, note = layout_for_resume(saved.train, {*flags, *train_over}, world_size)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr)
     return saved
 
 
