@@ -111,3 +111,14 @@ def test_compile_with_fsdp2_and_expert_parallelism_gives_the_eager_losses(cli, t
     got, want = cli.losses(compiled), cli.losses(eager)
     assert sorted(got) == [1, 2, 3]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fp16_grad_scaler_skips_the_same_steps_on_every_rank():
+    """The grad scaler of a torchrun run (ShardedGradScaler) under FSDP2 with ep=2: an overflow in
+    one rank's expert shard makes every rank skip that step and halve the scale; losses and
+    weights equal the 1-process GradScaler run's (fp64; under fp16 autocast the losses within
+    rtol 2e-3); the scaler state is every rank's and loads again (scaler_worker.py)."""
+    done = torchrun(2, HERE / "scaler_worker.py")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "step 2 skipped" in done.stdout

@@ -216,6 +216,18 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, layout: Layout, train
     return model
 
 
+def grad_scaler(precision: str, device: torch.device, distributed: bool):
+    """fp16's loss scaler (disabled at other precisions). Under torchrun each rank holds only its
+    gradient shards: ShardedGradScaler all-reduces the overflow flag over every rank, so all of
+    them skip the same steps and keep the same scale."""
+    enabled = precision == "fp16"
+    if distributed:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def scale_expert_grads(model: nn.Module, ep: int) -> None:
     """Divide the expert gradients by ep (see the module docstring)."""
     if ep == 1:

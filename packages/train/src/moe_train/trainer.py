@@ -49,6 +49,7 @@ from moe_train.metrics import (
 from moe_train.parallelize import (
     build_mesh,
     clip_grad_norm_,
+    grad_scaler,
     resolve_layout,
     scale_expert_grads,
 )
@@ -178,7 +179,7 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.train)
-        self.scaler = torch.amp.GradScaler(enabled=self.cfg.train.precision == "fp16")
+        self.scaler = grad_scaler(self.cfg.train.precision, self.env.device, self.env.distributed)
         self.batches = self._build_batches()
         self.step = 0
         self.state = None
@@ -199,9 +200,6 @@ class Trainer:
         if train.precision == "fp16" and env.device.type != "cuda":
             raise CLIError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.layout = resolve_layout(train, env.world_size)
-        if env.distributed and train.precision == "fp16":
-            # the grad scaler's overflow check would see different gradient shards on each rank
-            raise CLIError("train.precision=fp16 runs on one process only; use bf16 under torchrun")
         micro = train.batch_size / (env.world_size * train.grad_accum)
         if micro != int(micro):
             raise CLIError(
