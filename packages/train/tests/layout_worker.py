@@ -7,10 +7,10 @@ the unsharded model on one process (run once per preset), which runs the ranks' 
 the other and averages their losses (what data parallelism computes: routing, capacity and
 auxiliary losses are per rank). Losses and every updated weight agree to fp64 rounding (rtol
 1e-9), except those of BASE and tMoE (rtol 1e-5): their balanced assignment computes its scores
-in fp32. tiny-moeut runs one shared layer twice per forward (moeut_group_size=1): FSDP2 gathers
-and reshards it per call and reduces its gradient once. Then the bytes of parameters, gradients
-and AdamW state one rank holds at dp_shard=4 are compared with the unsharded model's: at most
-30%.
+in fp32. tiny-moeut runs one shared layer (one FSDP2 unit) twice per forward
+(moeut_group_size=1), resharded after each application's forward: its gradient must be the sum
+over both. Then the bytes of parameters, gradients and AdamW state one rank holds at dp_shard=4
+are compared with the unsharded model's: at most 30%.
 """
 
 from __future__ import annotations
