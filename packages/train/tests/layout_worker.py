@@ -21,6 +21,7 @@ import sys
 import moe_models
 import torch
 import torch.distributed as dist
+from moe_train.build import build_optimizer
 from moe_train.config import TrainConfig
 from moe_train.parallelize import (
     Layout,
@@ -29,7 +30,6 @@ from moe_train.parallelize import (
     parallelize,
     scale_expert_grads,
 )
-from moe_train.trainer import build_optimizer
 from torch.distributed.tensor import DTensor
 
 LAYOUTS = (Layout(1, 4, 1), Layout(1, 4, 2), Layout(2, 2, 2), Layout(1, 4, 4))

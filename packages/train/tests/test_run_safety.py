@@ -15,7 +15,8 @@ from moe_kernels.testing import HostReads
 from moe_train import checkpoint as ckpt
 from moe_train import memory, rundir
 from moe_train.distributed import DistEnv
-from moe_train.trainer import NonFinite, Trainer
+from moe_train.loop import NonFinite
+from moe_train.trainer import Trainer
 
 POISON = Path(__file__).with_name("poison_plugin.py")
 WALL_CLOCK = ("tokens_per_s",)

@@ -51,7 +51,7 @@ from moe_train import checkpoint as ckpt
 from moe_train.config import MAX_SEED, RunConfig, resolve
 from moe_train.errors import CLIError
 from moe_train.metrics import level_metrics, read_history, uses_bpc
-from moe_train.trainer import with_corpus_vocab
+from moe_train.run_setup import with_corpus_vocab
 
 FORMAT = "moe-train-compare"
 VERSION = 1
@@ -549,7 +549,7 @@ def evaluate_run(run: Run, run_dir: Path, spec: Spec) -> dict:
     """The run's result from its metrics.jsonl and final checkpoint (test loss, priming)."""
     from moe_train.distributed import DistEnv, pick_device
     from moe_train.evaluate import evaluate
-    from moe_train.trainer import load_model_state
+    from moe_train.loading import load_model_state
 
     cfg = run.cfg
     payload = ckpt.load(ckpt.latest(run_dir))

@@ -161,9 +161,19 @@ def _load_export(path: Path, kind: str, plugins: list[str], trust: bool) -> dict
     )
 
 
-def _load_checkpoint(path: Path, plugins: list[str], trust: bool) -> dict:
-    from moe_train.trainer import load_model_state
+def load_model_state(model: torch.nn.Module, payload: dict) -> None:
+    """A checkpoint's model state into a plain model; a one-line CLIError naming what does not
+    fit."""
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise CLIError(
+            f"checkpoint {payload['path']} does not fit this model architecture: "
+            f"{ckpt.describe_mismatch(model, payload['model'])}"
+        ) from None
 
+
+def _load_checkpoint(path: Path, plugins: list[str], trust: bool) -> dict:
     _load_plugins(plugins)
     payload = ckpt.load(path)
     where = f"the run of {payload['path']}"
