@@ -5,7 +5,7 @@ and a new token count adding at most one recompilation and no graph break."""
 import moe_kernels
 import pytest
 import torch
-from moe_kernels.expert_matmul.gathered import expert_mlp_gathered_op
+from moe_kernels.expert_matmul.gathered import expert_mlp_chosen_op, expert_mlp_gathered_op
 from moe_kernels.expert_matmul.ops import expert_matmul_op, expert_mlp_op
 from moe_kernels.routing.dispatch import sort_by_expert_op
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -99,8 +99,9 @@ OPCHECKS = [
 ]
 
 
-def test_small_batch_gather_path_compiles_fullgraph():
-    """Decoding: one token under no_grad takes the gather op, traced whole."""
+def test_small_batch_path_compiles_fullgraph():
+    """Decoding: one token under no_grad takes a small-batch op (the CPU's: 'chosen'), traced
+    whole."""
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(_swiglu, fullgraph=True, backend=counter)
     with torch.no_grad():
@@ -110,9 +111,10 @@ def test_small_batch_gather_path_compiles_fullgraph():
     assert counter.frame_count == 1
 
 
-def test_gather_op_registration():
+@pytest.mark.parametrize("op", [expert_mlp_gathered_op, expert_mlp_chosen_op])
+def test_small_batch_op_registration(op):
     x, w1, w2, idx, gates = _inputs(2)
-    torch.library.opcheck(expert_mlp_gathered_op, (x, w1, w2, w1.flip(0), idx, gates, "swiglu"))
+    torch.library.opcheck(op, (x, w1, w2, w1.flip(0), idx, gates, "swiglu"))
 
 
 def _opcheck(op, args):

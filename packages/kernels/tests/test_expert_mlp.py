@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from moe_kernels.expert_matmul import ops
+from moe_kernels.expert_matmul import gathered, ops
 
 
 @pytest.mark.parametrize("backend", ["torch_grouped", "torch_padded"])
@@ -33,38 +33,51 @@ def test_grouped_mm_sizes_match_reference(data, kt):
     kt.check_mlp_case(data.draw(kt.cases(aligned=True)), "torch_grouped")
 
 
+@pytest.mark.parametrize("backend", ["gather", "chosen"])
 @given(data=st.data())
-def test_small_batch_gather_path_matches_reference(data, kt):
-    """backend 'gather' (forward only): the chosen experts' weights gathered, one bmm each."""
-    kt.check_mlp_forward_case(data.draw(kt.cases(max_T=6)), "gather")
+def test_small_batch_paths_match_reference(data, kt, backend):
+    """The forward-only small-batch paths: 'gather' (the chosen experts' weights gathered, one bmm
+    each) and 'chosen' (each chosen expert's weights read in place)."""
+    kt.check_mlp_forward_case(data.draw(kt.cases(max_T=6)), backend)
 
 
 @given(data=st.data())
 def test_auto_without_gradients_matches_reference(data, kt):
-    """'auto' under no_grad: the gather path for T * K <= E / 2, the sorted path above."""
+    """'auto' under no_grad on the CPU: the 'chosen' path for T * K <= E, the sorted path above."""
     kt.check_mlp_forward_case(data.draw(kt.cases(max_T=12, max_E=16)), "auto")
 
 
-def test_auto_takes_the_gather_path_only_for_few_rows_without_gradients(monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        moe_kernels, "expert_mlp_gathered_op", lambda *args: calls.append(args) or args[0]
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_auto_takes_a_small_batch_path_only_for_few_rows_without_gradients(device):
+    """On the CPU 'chosen' up to T * K = E; elsewhere (here the meta device, standing in for
+    CUDA) 'gather' up to T * K = E / 2; neither with a gradient to compute."""
+    op, limit = (
+        (gathered.expert_mlp_chosen_op, 8)
+        if device == "cpu"
+        else (gathered.expert_mlp_gathered_op, 4)
     )
-    args = _good(T=2, K=2, E=8)
-    with torch.no_grad():
-        moe_kernels.expert_mlp(**args)  # T * K = 4 = E / 2
-        assert len(calls) == 1
-        moe_kernels.expert_mlp(**_good(T=3, K=2, E=8))
-        assert len(calls) == 1
-    moe_kernels.expert_mlp(**{**args, "x": args["x"].requires_grad_()})
-    assert len(calls) == 1
+    for T, K in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2)]:
+        x, idx = torch.randn(T, 5, device=device), torch.zeros(T, K, dtype=torch.long)
+        w1 = torch.randn(8, 5, 6, device=device)
+        with torch.no_grad():
+            taken = gathered.small_batch_path("auto", x, idx, 8, w1)
+        assert taken is (op if T * K <= limit else None), (T, K)
+        assert gathered.small_batch_path("auto", x.requires_grad_(), idx, 8, w1) is None
 
 
-def test_gather_path_refuses_gradients():
+@pytest.mark.parametrize("backend", ["gather", "chosen"])
+def test_small_batch_paths_refuse_gradients(backend):
     args = _good()
     args["w1"].requires_grad_()
-    with pytest.raises(ValueError, match="forward-only.*w1"):
-        moe_kernels.expert_mlp(**args, backend="gather")
+    with pytest.raises(ValueError, match=f"'{backend}' is forward-only.*w1"):
+        moe_kernels.expert_mlp(**args, backend=backend)
+
+
+def test_chosen_path_names_ids_out_of_range():
+    args = _good(E=4)
+    args["idx"][1, 0] = 4
+    with pytest.raises(ValueError, match=r"expert id 4, outside \[0, 4\)"):
+        moe_kernels.expert_mlp(**args, backend="chosen")
 
 
 @pytest.mark.triton

@@ -13,6 +13,7 @@ from moe_layers import (
     SBaseMoE,
     SigmaMoE,
     SwitchMoE,
+    TokenChoiceMoE,
     TopKFFN,
     collect_aux_losses,
     collect_routing_stats,
@@ -102,6 +103,26 @@ def test_routing_stats_entropy_and_usage():
     assert m.routing_stats.entropy == pytest.approx(
         -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     )
+
+
+def test_without_routing_stats_records_none_and_leaves_the_output():
+    """Decoding skips the statistics (TokenChoiceMoE adds its bias to them); the output is the
+    same, and recording resumes after."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        SigmaMoE(6, 4, 3, 2), TokenChoiceMoE(6, 4, 3, k=2, bias_update_rate=0.1)
+    ).eval()
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        y = model(x)
+        assert set(collect_routing_stats(model)) == {"0", "1"}
+        with moe_layers.without_routing_stats():
+            assert not moe_layers.records_routing_stats()
+            torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+            assert collect_routing_stats(model) == {}
+        assert moe_layers.records_routing_stats()
+        model(x)
+    assert set(collect_routing_stats(model)) == {"0", "1"}
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])

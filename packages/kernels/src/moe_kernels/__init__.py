@@ -10,7 +10,7 @@ import importlib.metadata
 
 import torch
 
-from moe_kernels.expert_matmul.gathered import expert_mlp_gathered_op, takes_gathered
+from moe_kernels.expert_matmul.gathered import small_batch_path
 from moe_kernels.expert_matmul.naive import expert_matmul_naive, expert_mlp_naive
 from moe_kernels.expert_matmul.ops import expert_matmul_op, expert_mlp_op
 from moe_kernels.expert_matmul.validate import check_matmul, check_mlp
@@ -53,13 +53,16 @@ def expert_mlp(
     w1 [E, D, G], w2 [E, G, D], idx and gates [T, K]; activation "relu", "gelu" (exact erf form),
     "silu", or the gated "swiglu": silu(x[t] @ w1[e]) * (x[t] @ w3[e]) in place of act(...),
     with w3 [E, D, G] (required for it, refused otherwise). Gates may hold zeros (dropped
-    slots). backend as for expert_matmul, or "gather" (forward only): the small-batch path,
-    which gathers the chosen experts' weights and runs one bmm per product; "auto" and "torch"
-    take it by themselves for few rows (T * K <= E / 2) when no gradient is needed (decoding).
+    slots). backend as for expert_matmul, or a forward-only small-batch path: "gather" gathers the
+    chosen experts' weights and runs one bmm per product (no host read), "chosen" (the CPU)
+    reads the ids on the host and multiplies by each chosen expert's weights in place. "auto" and
+    "torch" take one by themselves for few rows when no gradient is needed (decoding): "chosen"
+    on the CPU (T * K <= 4 E), "gather" elsewhere (T * K <= E / 2).
     """
     check_mlp(x, w1, w2, idx, gates, activation, backend, w3)
-    if takes_gathered(backend, idx, w1.shape[0], x, w1, w2, w3, gates):
-        return expert_mlp_gathered_op(x, w1, w2, w3, idx, gates, activation)
+    small_batch_op = small_batch_path(backend, x, idx, w1.shape[0], w1, w2, w3, gates)
+    if small_batch_op is not None:
+        return small_batch_op(x, w1, w2, w3, idx, gates, activation)
     return expert_mlp_op(x, w1, w2, w3, idx, gates, activation, backend)[0]
 
 

@@ -16,7 +16,10 @@ from moe_layers.base import (
     TopK,
     after_optimizer_step,
     collect_aux_losses,
+    collect_layer_outputs,
     collect_routing_stats,
+    records_routing_stats,
+    without_routing_stats,
 )
 from moe_layers.base_layer import BaseLayer, balanced_assignment
 from moe_layers.dense import DenseFFN
@@ -66,7 +69,10 @@ __all__ = [
     "after_optimizer_step",
     "balanced_assignment",
     "collect_aux_losses",
+    "collect_layer_outputs",
     "collect_routing_stats",
+    "records_routing_stats",
+    "without_routing_stats",
     "shard_experts",
     "sharded_experts",
 ]

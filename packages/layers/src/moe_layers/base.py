@@ -29,7 +29,7 @@ Auxiliary losses
 Routing statistics
     A routed layer records a `RoutingStats` (detached, no gradient) on every forward pass, in training
     and eval, with `self.record_routing_stats(...)`. `collect_routing_stats(model)` returns them keyed by
-    the qualified module name.
+    the qualified module name. Within `without_routing_stats()` nothing is recorded (decoding).
 
 After the optimiser step
     `after_optimizer_step(model, group)` calls `layer.after_optimizer_step(group)` on every layer;
@@ -45,6 +45,7 @@ Routed layers
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -374,6 +375,9 @@ class MoEModule(ConfiguredModule):
         Without it, the entropy is that of the assignment counts. `dropped` may be a tensor, so
         that a layer need not read it back from the GPU.
         """
+        if not records_routing_stats():
+            self._routing_stats = None
+            return
         with torch.no_grad():
             if probs_TE is not None and probs_TE.shape[0] > 0:
                 p = probs_TE.float().mean(0)
@@ -402,23 +406,50 @@ class MoEModule(ConfiguredModule):
         return self._routing_stats
 
 
+_RECORD_ROUTING_STATS = [True]
+
+
+@contextlib.contextmanager
+def without_routing_stats():
+    """Routed layers record no RoutingStats inside (collect_routing_stats then returns {}). For
+    decoding: nobody reads them there, and at one token per step their small ops (a softmax, a
+    mean, a log per layer) cost a noticeable part of a step."""
+    previous = _RECORD_ROUTING_STATS[0]
+    _RECORD_ROUTING_STATS[0] = False
+    try:
+        yield
+    finally:
+        _RECORD_ROUTING_STATS[0] = previous
+
+
+def records_routing_stats() -> bool:
+    """False inside `without_routing_stats()`: a router may then skip what only the statistics use."""
+    return _RECORD_ROUTING_STATS[0]
+
+
+def collect_layer_outputs(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, RoutingStats]]:
+    """(collect_aux_losses(module), collect_routing_stats(module)) in one walk over the modules:
+    a model reads both after every forward, and at one token per step a walk costs as much as a
+    layer's products."""
+    aux: dict[str, Tensor] = {}
+    stats: dict[str, RoutingStats] = {}
+    for name, m in module.named_modules():
+        if isinstance(m, MoEModule):
+            for loss, value in m._aux_losses.items():
+                aux[loss] = aux[loss] + value if loss in aux else value
+            if m._routing_stats is not None:
+                stats[name] = m._routing_stats
+    return aux, stats
+
+
 def collect_aux_losses(module: nn.Module) -> dict[str, Tensor]:
     """Weighted auxiliary losses of the latest forward pass of every layer in `module`, summed per name."""
-    out: dict[str, Tensor] = {}
-    for m in module.modules():
-        if isinstance(m, MoEModule):
-            for name, value in m._aux_losses.items():
-                out[name] = out[name] + value if name in out else value
-    return out
+    return collect_layer_outputs(module)[0]
 
 
 def collect_routing_stats(module: nn.Module) -> dict[str, RoutingStats]:
     """Latest routing statistics of every routed layer in `module`, keyed by qualified module name."""
-    return {
-        name: m._routing_stats
-        for name, m in module.named_modules()
-        if isinstance(m, MoEModule) and m._routing_stats is not None
-    }
+    return collect_layer_outputs(module)[1]
 
 
 def after_optimizer_step(module: nn.Module, group=None) -> None:
@@ -442,14 +473,16 @@ class Routing:
     """What a router decided for T tokens.
 
     idx_TK: the K experts of each token; gates_TK: their weights (0 for a slot dropped by a
-    capacity limit); counts_E: assignments per expert before dropping; dropped: assignments
-    dropped (int or 0-dim tensor); probs_TE: each token's selection distribution over the experts,
-    for the routing entropy (None: the entropy of counts_E); aux_losses: {name: weighted loss}.
+    capacity limit); counts_E: assignments per expert before dropping (read by the routing
+    statistics alone: a router may leave it None inside `without_routing_stats()`); dropped:
+    assignments dropped (int or 0-dim tensor); probs_TE: each token's selection distribution over
+    the experts, for the routing entropy (None: the entropy of counts_E); aux_losses: {name:
+    weighted loss}.
     """
 
     idx_TK: Tensor
     gates_TK: Tensor
-    counts_E: Tensor
+    counts_E: Tensor | None
     dropped: Tensor | int = 0
     probs_TE: Tensor | None = None
     aux_losses: dict[str, Tensor] = dataclasses.field(default_factory=dict)

@@ -23,6 +23,7 @@ from moe_layers.base import (
     check_non_negative,
     check_probabilities,
     count_ids,
+    records_routing_stats,
 )
 
 INITS = ("dense", "expert_size")
@@ -46,12 +47,13 @@ def negative_batch_entropy(logits_TE: Tensor) -> Tensor:
 
 def sigmoid_topk(
     scores_TE: Tensor, gate_logits_TE: Tensor, k: int, drop_mask_TE: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Top-k experts of `scores` (with the experts in `drop_mask` removed); gates sigmoid(gate_logits).
 
     A token left with fewer than k experts after dropping still gets k slots; the extra slots hold a
     removed expert with gate 0, so they add nothing. Returns idx [T, k], gates [T, k] and the
-    assignment count of each expert [E] (slots holding a removed expert not counted).
+    assignment count of each expert [E] (slots holding a removed expert not counted; None
+    without dropping inside `without_routing_stats()`).
     """
     n_experts = scores_TE.shape[-1]
     if drop_mask_TE is not None:
@@ -59,7 +61,10 @@ def sigmoid_topk(
     idx_TK = scores_TE.topk(k, dim=-1, sorted=False).indices
     gates_TK = torch.sigmoid(gate_logits_TE.gather(1, idx_TK))
     if drop_mask_TE is None:
-        return idx_TK, gates_TK, count_ids(idx_TK, n_experts)
+        # the counts are read by the routing statistics alone (None: not recorded, see
+        # moe_layers.without_routing_stats)
+        counts_E = count_ids(idx_TK, n_experts) if records_routing_stats() else None
+        return idx_TK, gates_TK, counts_E
     removed_TK = drop_mask_TE.gather(1, idx_TK)
     gates_TK = gates_TK.masked_fill(removed_TK, 0.0)
     return idx_TK, gates_TK, count_ids(idx_TK, n_experts, keep=~removed_TK)
@@ -116,7 +121,9 @@ class SigmoidTopKRouter(LinearRouter):
         aux = {}
         if self.training and self.entropy_weight > 0 and x_TD.shape[0] > 0:
             aux["entropy"] = self.entropy_weight * negative_batch_entropy(logits_TE)
-        probs_TE = torch.softmax(logits_TE.detach().float(), dim=-1)
+        probs_TE = None
+        if records_routing_stats():
+            probs_TE = torch.softmax(logits_TE.detach().float(), dim=-1)
         return Routing(idx_TK, gates_TK, counts_E, probs_TE=probs_TE, aux_losses=aux)
 
 

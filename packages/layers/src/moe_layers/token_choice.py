@@ -213,7 +213,7 @@ class TokenChoiceMoE(RoutedMoE):
 
     def forward_tokens(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Tensor:
         y_TD = super().forward_tokens(x_TD, token_ids_T)
-        if self.router.has_bias:
+        if self.router.has_bias and self._routing_stats is not None:
             self._routing_stats = dataclasses.replace(
                 self._routing_stats, expert_bias=self.router.expert_bias.detach().clone()
             )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from moe_layers import RoutingStats, collect_aux_losses, collect_routing_stats
+from moe_layers import RoutingStats, collect_layer_outputs
 from moe_layers.base import check_id_range
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -93,13 +93,13 @@ class LanguageModel(nn.Module):
         self, logits_BLV: Tensor, targets: Tensor | None, state=None, aux_losses=None
     ) -> ModelOutput:
         """The output record; aux_losses: model-level auxiliary losses added to the layers'."""
-        aux = collect_aux_losses(self)
+        aux, routing_stats = collect_layer_outputs(self)
         if aux_losses:
             aux = {**aux, **aux_losses}
         out = ModelOutput(
             logits=logits_BLV,
             aux_losses=aux,
-            routing_stats=collect_routing_stats(self),
+            routing_stats=routing_stats,
             state=state,
         )
         if targets is not None:

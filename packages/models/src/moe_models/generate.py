@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from moe_layers import without_routing_stats
 from torch import Tensor, nn
 
 from moe_models.common import ModelOutput
@@ -87,13 +88,17 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        out = feed(model, prompt)
+        # the routing statistics are for training and evaluation; set per call, so that the
+        # caller's code between two tokens records as usual
+        with without_routing_stats():
+            out = feed(model, prompt)
         state = out.state
         for step in range(max_new_tokens):
             nxt_B = _pick(out.logits[:, -1], temperature, top_k, top_p, greedy, generator)
             yield nxt_B
             if step + 1 < max_new_tokens:
-                out = model(nxt_B[:, None], state=state)
+                with without_routing_stats():
+                    out = model(nxt_B[:, None], state=state)
                 state = out.state
     finally:
         model.train(was_training)

@@ -1,10 +1,16 @@
-"""The small-batch expert MLP (decoding, small batches): the weights of the chosen experts are
-gathered, one [D, G] matrix per (token, slot) row, and multiplied by one bmm per product. No sort,
-no work for the experts no token chose, no device-to-host read (so on CUDA no synchronisation).
+"""The small-batch expert MLP (decoding, small batches), forward only, in two forms. Neither sorts
+or does any work for the experts no token chose.
 
-Forward only (moe_kernels::expert_mlp_gathered has no autograd): expert_mlp takes it when no
-gradient is needed and the rows are few (SMALL_BATCH_ROWS_PER_EXPERT). Copying N = T * K weight
-matrices costs more than the sorted path's fixed overheads once N nears E.
+- "gather" (moe_kernels::expert_mlp_gathered, any device): the chosen experts' weights are
+  gathered, one [D, G] matrix per (token, slot) row, and multiplied by one bmm per product. No
+  device-to-host read, so on CUDA no synchronisation; but every decode step copies the chosen
+  weights before reading them, which on the CPU costs more than the products.
+- "chosen" (moe_kernels::expert_mlp_chosen, the CPU): the expert ids are read on the host (on the
+  CPU that waits for nothing) and each chosen expert multiplies its tokens by its weights in place
+  (views, no copy), so a step reads each chosen weight once, as a dense layer reads its own.
+
+expert_mlp takes one of them when no gradient is needed and the rows are few
+(SMALL_BATCH_ROWS_PER_EXPERT, CHOSEN_ROWS_PER_EXPERT): "chosen" on the CPU, "gather" elsewhere.
 """
 
 import torch
@@ -21,6 +27,7 @@ from moe_kernels.routing.validate import check_idx_values
 # gather path faster up to T = 8 (N = 64 = E), (8, 128, 512, 2) up to T = 2 (N = 4 = E / 2). So
 # the crossover sits between N = E / 2 and N = E; E / 2 keeps the path where it always won.
 SMALL_BATCH_ROWS_PER_EXPERT = 0.5
+CHOSEN_ROWS_PER_EXPERT = 1
 
 
 def _gathered_body(
@@ -54,13 +61,77 @@ def _(x_TD, w1_EDG, w2_EGD, w3_EDG, idx_TK, gates_TK, activation):
     return x_TD.new_empty(idx_TK.shape[0], x_TD.shape[1])
 
 
-def takes_gathered(backend: str, idx_TK: Tensor, n_experts: int, *tensors) -> bool:
-    """Whether expert_mlp runs this path: forced ('gather'), or under 'auto'/'torch' for few rows
-    when no gradient is needed."""
+def _chosen_body(
+    x_TD: Tensor,
+    w1_EDG: Tensor,
+    w2_EGD: Tensor,
+    w3_EDG: Tensor | None,
+    idx_TK: Tensor,
+    gates_TK: Tensor,
+    activation: str,
+) -> Tensor:
+    T, K = idx_TK.shape
+    E = w1_EDG.shape[0]
+    out_TD = x_TD.new_zeros(T, x_TD.shape[1])
+    ids_N = idx_TK.reshape(-1).tolist()
+    rows_of = {}
+    for n, e in enumerate(ids_N):
+        if not 0 <= e < E:
+            raise ValueError(f"idx holds expert id {e}, outside [0, {E}) (E = {E})")
+        rows_of.setdefault(e, []).append(n)
+    gates_N = gates_TK.reshape(-1)
+    gate_of = gates_N.tolist()
+    # R: the rows (token, slot) that chose expert e
+    for e, rows in rows_of.items():
+        if len(rows) == 1:
+            # one row: a view of its token, and the gate scales the product in the BLAS call
+            n = rows[0]
+            token = n // K
+            x_RD, out_RD = (
+                (x_TD, out_TD) if T == 1 else (x_TD[token : token + 1], out_TD[token : token + 1])
+            )
+        else:
+            tokens = torch.tensor([n // K for n in rows])
+            x_RD = x_TD.index_select(0, tokens)
+        h_RG = torch.mm(x_RD, w1_EDG.select(0, e))
+        if w3_EDG is None:
+            a_RG = activate(activation, h_RG)
+        else:
+            a_RG = activate_gated(activation, h_RG, torch.mm(x_RD, w3_EDG.select(0, e)))
+        if len(rows) == 1:
+            out_RD.addmm_(a_RG, w2_EGD.select(0, e), alpha=gate_of[n])
+        else:
+            y_RD = torch.mm(a_RG, w2_EGD.select(0, e)).mul_(
+                gates_N.index_select(0, torch.tensor(rows))[:, None]
+            )
+            out_TD.index_add_(0, tokens, y_RD)
+    return out_TD
+
+
+expert_mlp_chosen_op = define("expert_mlp_chosen", _chosen_body)
+
+
+@register_fake(expert_mlp_chosen_op)
+def _(x_TD, w1_EDG, w2_EGD, w3_EDG, idx_TK, gates_TK, activation):
+    return x_TD.new_empty(idx_TK.shape[0], x_TD.shape[1])
+
+
+def small_batch_path(backend: str, x_TD: Tensor, idx_TK: Tensor, n_experts: int, *weights):
+    """The small-batch op expert_mlp runs, or None: forced ('gather', 'chosen'), or under
+    'auto'/'torch' for few rows when no gradient is needed ('chosen' on the CPU)."""
     if backend == "gather":
-        return True
+        return expert_mlp_gathered_op
+    if backend == "chosen":
+        return expert_mlp_chosen_op
     if backend not in ("auto", "torch"):
-        return False
+        return None
+    tensors = (x_TD, *weights)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return idx_TK.numel() <= SMALL_BATCH_ROWS_PER_EXPERT * n_experts
+        return None
+    if x_TD.device.type == "cpu":
+        if idx_TK.numel() <= CHOSEN_ROWS_PER_EXPERT * n_experts:
+            return expert_mlp_chosen_op
+        return None
+    if idx_TK.numel() <= SMALL_BATCH_ROWS_PER_EXPERT * n_experts:
+        return expert_mlp_gathered_op
+    return None

@@ -49,7 +49,7 @@ from moe_kernels.routing.naive import Routing
 from moe_kernels.routing.validate import check_idx_values
 
 BACKENDS = ("auto", "torch", "torch_grouped", "torch_padded", "triton")
-MLP_BACKENDS = (*BACKENDS, "gather")  # the small-batch path (expert_matmul.gathered)
+MLP_BACKENDS = (*BACKENDS, "gather", "chosen")  # the small-batch paths (expert_matmul.gathered)
 # The torch backend's expert MLP runs token chunks of about max(CHUNK_ROWS, 64 E) (token, slot)
 # rows one after the other, so that the gathered inputs and the outputs of the products ([rows, D]
 # each) stay chunk-sized rather than N = T * K rows. 64 rows per expert on average keep the padded

@@ -78,11 +78,11 @@ def check_mlp(x, w1, w2, idx, gates, activation, backend, w3=None) -> None:
         raise ValueError(
             f"w3 is only for gated activations {GATED_ACTIVATIONS}, not {activation!r}"
         )
-    if backend == "gather" and torch.is_grad_enabled():
+    if backend in ("gather", "chosen") and torch.is_grad_enabled():
         for name, t in (("x", x), ("w1", w1), ("w2", w2), ("w3", w3), ("gates", gates)):
             if t is not None and t.requires_grad:
                 raise ValueError(
-                    f"backend 'gather' is forward-only, but {name} requires grad "
+                    f"backend {backend!r} is forward-only, but {name} requires grad "
                     "(run it under torch.no_grad())"
                 )
     if w3 is not None:
