@@ -69,15 +69,16 @@ build (moe_train.build): one process builds the whole fp32 model on the host, th
 its device. Past one process no rank's device holds the whole model: every rank allocates its
 fp32 shards (4 P_r) and receives the weights one whole tensor at a time (T_max, the largest),
 build = 4 P_r + 4 T_max, less than the total in any plan worth running; the peak is the larger.
-The whole fp32 model, host = 4 P bytes, is built once, in the host memory of rank 0 (of the one
-process), for a fresh run; a resumed run reads its checkpoint into the shards instead.
+The whole fp32 model, host = 4 P bytes, is built once, in the host memory of rank 0 (or of the
+one process); past one process a resumed run reads its checkpoint into the shards instead (and
+builds the real model only for buffers outside the state dict, which no preset has).
 
 What is available: the free memory of the GPU (`torch.cuda.mem_get_info`) on CUDA; on the CPU,
 MemAvailable from /proc/meminfo (elsewhere free physical pages from os.sysconf). The host check
-is rank 0's (the one process's) for a fresh run: on CUDA, host <= MemAvailable; past one process
-on the CPU, host + peak <= MemAvailable (its shards live in the same memory). The other ranks of
-a node share its host and check their device alone. `train.skip_memory_check=true` turns the
-checks off.
+is rank 0's, for a fresh run past one process and for every run of one process: on CUDA, host <=
+MemAvailable; past one process on the CPU, host + peak <= MemAvailable (its shards live in the
+same memory). The other ranks of a node share its host and check their device alone.
+`train.skip_memory_check=true` turns the checks off.
 """
 
 from __future__ import annotations
