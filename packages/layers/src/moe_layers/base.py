@@ -349,7 +349,10 @@ class MoEModule(ConfiguredModule):
                 )
             if not is_integer_dtype(token_ids.dtype):
                 raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-        self._aux_losses = {}
+        if self._aux_losses:
+            # a new dict, never cleared in place: a caller may hold the last one (nn.Module's
+            # __setattr__ costs more than this test, so an empty one stays)
+            self._aux_losses = {}
         return self.forward_batch(x, token_ids)
 
     def forward_batch(self, x: Tensor, token_ids: Tensor | None) -> Tensor:
@@ -376,7 +379,8 @@ class MoEModule(ConfiguredModule):
         that a layer need not read it back from the GPU.
         """
         if not records_routing_stats():
-            self._routing_stats = None
+            if self._routing_stats is not None:
+                self._routing_stats = None
             return
         with torch.no_grad():
             if probs_TE is not None and probs_TE.shape[0] > 0:
@@ -606,7 +610,7 @@ class Experts(nn.Module):
         return shapes
 
     def forward(self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
-        return self.mlp(x_TD, idx_TK, gates_TK, {n: getattr(self, n) for n in self._parameters})
+        return self.mlp(x_TD, idx_TK, gates_TK, dict(self._parameters))
 
     def mlp(
         self, x_TD: Tensor, idx_TK: Tensor, gates_TK: Tensor, weights: dict[str, Tensor]
