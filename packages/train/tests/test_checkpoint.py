@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from hypothesis import given
 from hypothesis import strategies as st
 from moe_train import checkpoint as ckpt
@@ -41,7 +42,7 @@ def test_save_then_load_round_trip_latest_and_best(tmp_path):
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
     manager = ckpt.CheckpointManager(tmp_path / "checkpoints", keep_last=5)
     manager.save(payload(1), 1)
-    real_save = ckpt.dcp.save
+    real_save = dcp.save
 
     def dying_save(state, checkpoint_id, **kwargs):
         real_save(state, checkpoint_id=checkpoint_id, **kwargs)
@@ -49,7 +50,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_latest(tmp_path,
             f.write_bytes(f.read_bytes()[:10])  # half-written shards, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.dcp, "save", dying_save)
+    monkeypatch.setattr(dcp, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         manager.save(payload(2), 2)
     monkeypatch.undo()

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
+from moe_train import dcp_reader
 from moe_train.errors import CLIError
 
 FORMAT = "moe-train-checkpoint"
@@ -220,10 +220,7 @@ def load(path: str | Path, *, tensors: bool = True) -> dict:
     if not (path / DCP_METADATA).is_file():
         raise CLIError(f"checkpoint {path} is incomplete: no {DCP_METADATA}")
     payload["path"] = str(path)
-    try:
-        dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
+    _check_metadata(path)
     if tensors:
         payload["model"] = read_tensors(path, "model")
     return payload
@@ -271,8 +268,36 @@ def _load_legacy(path: Path, tensors: bool) -> dict:
     }
 
 
+def _dcp():
+    """torch.distributed.checkpoint, imported when a command writes or resumes a checkpoint, or
+    reads one that moe_train.dcp_reader cannot: it imports DTensor and sympy, seconds that a
+    command only reading a model (generate, eval) would wait for."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def _check_metadata(path: Path) -> None:
+    try:
+        dcp_reader.read_metadata(path)
+        return
+    except dcp_reader.Unfamiliar:
+        pass
+    try:
+        _dcp().FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CLIError(f"checkpoint {path} is corrupt or truncated ({_reason(e)})") from None
+
+
 def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The whole tensors saved under `prefix.` (e.g. the model's state dict), on this process."""
+    """The whole tensors saved under `prefix.` (e.g. the model's state dict), on this process:
+    read by moe_train.dcp_reader, or by DCP itself where that reader does not know the folder
+    (DCP then also words what is wrong with a damaged one)."""
+    try:
+        return dcp_reader.read_tensors(path, prefix)
+    except dcp_reader.Unfamiliar:
+        pass
+    dcp = _dcp()
     reader = dcp.FileSystemReader(str(path))
     try:
         metadata = reader.read_metadata()
@@ -381,7 +406,7 @@ def write(payload: dict, path: str | Path) -> Path:
     atomic_save({"format": FORMAT, "version": VERSION, **meta}, tmp / META)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": payload["model"]}, checkpoint_id=str(tmp), no_dist=True)
+        _dcp().save({"model": payload["model"]}, checkpoint_id=str(tmp), no_dist=True)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
@@ -418,6 +443,7 @@ class CheckpointManager:
     ) -> Path:
         """Write step `step`: `tensors` (DCP: each rank its shards; None: `meta`'s "model"
         taken out of it), `meta` (rank 0) and `own` (this rank's part)."""
+        dcp = _dcp()
         if tensors is None:
             meta = dict(meta)
             tensors = {"model": meta.pop("model")}
