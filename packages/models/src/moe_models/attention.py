@@ -147,9 +147,9 @@ class RelativeAttention(nn.Module):
         return self._attend(x_BLD, k_BHKd, v_BHKd, self._positions(K, keep + L, x_BLD)), cache
 
     def _positions(self, K: int, room: int, x: Tensor) -> Tensor:
-        """W_r r(d) of the distances d = 0..K-1: [H, K, d_head]. Without autograd it depends on
-        the weights only, so it is computed once for `room` >= K distances and its rows reused
-        (recomputed when W_r changes: an optimiser step, a load)."""
+        """W_r r(d) of the distances d = K-1, ..., 1, 0 (descending): [H, K, d_head]. Without
+        autograd it depends on the weights only, so it is computed once for `room` >= K distances
+        and its last K rows reused (recomputed when W_r changes: an optimiser step, a load)."""
         weight = self.r.weight
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._project_positions(K, x)
@@ -160,10 +160,11 @@ class RelativeAttention(nn.Module):
             or (self._positions_cache[1].shape[1] < K)
         ):
             self._positions_cache = (key, self._project_positions(max(K, room), x))
-        return self._positions_cache[1][:, :K]
+        table_HRd = self._positions_cache[1]
+        return table_HRd[:, table_HRd.shape[1] - K :]
 
     def _project_positions(self, K: int, x: Tensor) -> Tensor:
-        dist_K = torch.arange(K, device=x.device)
+        dist_K = torch.arange(K - 1, -1, -1, device=x.device)
         r_KI = self.r(sinusoid_table(dist_K, self.d_model).to(x.dtype))
         return r_KI.view(K, self.n_heads, self.d_head).transpose(0, 1)
 
@@ -174,13 +175,15 @@ class RelativeAttention(nn.Module):
         M = K - L
         H, Dh = self.n_heads, self.d_head
         q_BHLd = self.q(x_BLD).view(B, L, H, Dh).transpose(1, 2)
-        # distances 0..K-1; query i sits at absolute position M + i, key j at j
-        dist_K = torch.arange(K, device=x_BLD.device)
         qv_BHLd = q_BHLd + self.position_bias[:, None, :]
-        pos_by_dist_BHLK = torch.einsum("bhld,hkd->bhlk", qv_BHLd, r_HKd)
-        rel_LK = (M + torch.arange(L, device=x_BLD.device))[:, None] - dist_K[None, :]
-        future_LK = rel_LK < 0
-        pos_BHLK = pos_by_dist_BHLK.gather(-1, rel_LK.clamp(min=0).expand(B, H, L, K))
+        # column j: distance K-1-j. Query i sits at absolute position M + i and key k at k, at
+        # distance M + i - k, which is column k + L-1-i: row i is the row shifted left by L-1-i
+        pos_by_column_BHLK = torch.einsum("bhld,hkd->bhlk", qv_BHLd, r_HKd)
+        pos_BHLK = shift_rows_left(pos_by_column_BHLK)
+        future_LK = (
+            torch.arange(K, device=x_BLD.device)[None, :]
+            > (M + torch.arange(L, device=x_BLD.device))[:, None]
+        )
         bias_BHLK = (pos_BHLK * Dh**-0.5).masked_fill(future_LK, float("-inf"))
         att_BHLd = F.scaled_dot_product_attention(
             q_BHLd + self.content_bias[:, None, :],
@@ -190,6 +193,17 @@ class RelativeAttention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
         return self.out(att_BHLd.transpose(1, 2).reshape(B, L, H * Dh))
+
+
+def shift_rows_left(x_BHLK: Tensor) -> Tensor:
+    """Row i of the last two dims shifted left by L-1-i: out[.., i, k] = x[.., i, k + L-1-i] where
+    k + L-1-i < K; the entries past the end (k > K-L+i, the future of a causal query) hold other
+    rows' values and must be masked. Transformer-XL's relative shift, by a zero column and views:
+    unlike a gather by distance, its backward keeps no copy of x (a gather's keeps its input, one
+    [B, H, L, K] tensor per layer)."""
+    B, H, L, K = x_BHLK.shape
+    padded_BHF = F.pad(x_BHLK, (1, 0)).view(B, H, L * (K + 1))
+    return padded_BHF[:, :, L:].view(B, H, L, K)
 
 
 def reference_relative_attention(

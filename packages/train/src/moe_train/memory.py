@@ -47,9 +47,10 @@ and standalone block) w = its active hidden width, estimated as active parameter
         gradients before and after the gates and the activation, 6w + 3kd; the torch backend
         runs it in chunks of tokens, which the plan does not count on)
     Transformer-XL, memory M, context c = L + M, adds
-                              A: (M / L)(2d + 2i) + 2hc   S: (M / L) 2i + hc   K: (M / L) d
-        (the memory, its LayerNorm, keys and values; the positional scores and the attention
-        bias, materialised per head)
+                              A: (M / L)(2d + 2i) + hc    S: (M / L) 2i + hc   K: (M / L) d
+        (the memory, its LayerNorm, keys and values; the attention bias, materialised per head:
+        the relative shift keeps no copy of the positional scores; S keeps those scores, the
+        output of a bmm, instead)
     sMLP gMLP block           A = 2d + 3.5F + rd    S = 2d + 1.5F    K = d    G = 2F
     sMLP sparse block         A = 6d + 2rd          S = 3d + E       K = d    G = 6w + 3kd
 
@@ -320,7 +321,7 @@ def _layer_terms(model_cfg, i: int, ep: int) -> tuple[float, float, float, float
     A, S, K = A + 4 * d + 5 * i_ + 2 * r * d, S + 2 * d + 3 * i_, d
     if c.arch == "transformer_xl":
         M, L = c.memory_length, c.seq_len
-        A += M / L * (2 * d + 2 * i_) + 2 * c.n_heads * (L + M)
+        A += M / L * (2 * d + 2 * i_) + c.n_heads * (L + M)
         S += M / L * 2 * i_ + c.n_heads * (L + M)
         K += M / L * d
     return A, S, K, G
