@@ -147,21 +147,25 @@ def read_tensors(folder: str | Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _assemble(folder: Path, key: str, item, where: dict, files: dict) -> torch.Tensor:
-    out = torch.empty(tuple(item.size), dtype=_dtype(item.properties))
-    filled = 0
+    dtype, size = _dtype(item.properties), torch.Size(item.size)
+    chunks = []
     for chunk in item.chunks:
         info = where.get((key, tuple(chunk.offsets)))
         if info is None or getattr(info, "transform_descriptors", None):
             raise Unfamiliar(f"{key}: a chunk without a place or with stream transforms")
         t = _read_chunk(folder, info, files)
-        if not isinstance(t, torch.Tensor) or t.dtype != out.dtype or t.shape != chunk.sizes:
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != chunk.sizes:
             raise Unfamiliar(f"{key}: a chunk that is not the tensor the metadata describes")
-        region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
-        out[region] = t
-        filled += t.numel()
+        chunks.append((chunk.offsets, t))
     # DCP's chunks do not overlap: they fill the tensor when their sizes add up to it
-    if filled != out.numel():
-        raise Unfamiliar(f"{key}: its chunks hold {filled} of {out.numel()} values")
+    filled = sum(t.numel() for _, t in chunks)
+    if filled != size.numel():
+        raise Unfamiliar(f"{key}: its chunks hold {filled} of {size.numel()} values")
+    if len(chunks) == 1 and chunks[0][1].shape == size:
+        return chunks[0][1]  # the whole tensor (a one-process checkpoint): no copy
+    out = torch.empty(size, dtype=dtype)
+    for offsets, t in chunks:
+        out[tuple(slice(o, o + s) for o, s in zip(offsets, t.shape, strict=True))] = t
     return out
 
 
