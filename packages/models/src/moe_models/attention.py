@@ -175,16 +175,17 @@ class RelativeAttention(nn.Module):
         M = K - L
         H, Dh = self.n_heads, self.d_head
         q_BHLd = self.q(x_BLD).view(B, L, H, Dh).transpose(1, 2)
-        qv_BHLd = q_BHLd + self.position_bias[:, None, :]
+        # the score scale on the queries' side: d_head times fewer products than on the scores
+        qv_BHLd = (q_BHLd + self.position_bias[:, None, :]) * Dh**-0.5
         # column j: distance K-1-j. Query i sits at absolute position M + i and key k at k, at
         # distance M + i - k, which is column k + L-1-i: row i is the row shifted left by L-1-i
         pos_by_column_BHLK = torch.einsum("bhld,hkd->bhlk", qv_BHLd, r_HKd)
-        pos_BHLK = shift_rows_left(pos_by_column_BHLK)
         future_LK = (
             torch.arange(K, device=x_BLD.device)[None, :]
             > (M + torch.arange(L, device=x_BLD.device))[:, None]
         )
-        bias_BHLK = (pos_BHLK * Dh**-0.5).masked_fill(future_LK, float("-inf"))
+        # in place: the shifted rows are a fresh tensor (a view of the shift's own copy)
+        bias_BHLK = shift_rows_left(pos_by_column_BHLK).masked_fill_(future_LK, float("-inf"))
         att_BHLd = F.scaled_dot_product_attention(
             q_BHLd + self.content_bias[:, None, :],
             k_BHKd,
@@ -200,9 +201,11 @@ def shift_rows_left(x_BHLK: Tensor) -> Tensor:
     k + L-1-i < K; the entries past the end (k > K-L+i, the future of a causal query) hold other
     rows' values and must be masked. Transformer-XL's relative shift, by a zero column and views:
     unlike a gather by distance, its backward keeps no copy of x (a gather's keeps its input, one
-    [B, H, L, K] tensor per layer)."""
+    [B, H, L, K] tensor per layer). The result is a view of a new tensor, free to be written."""
     B, H, L, K = x_BHLK.shape
-    padded_BHF = F.pad(x_BHLK, (1, 0)).view(B, H, L * (K + 1))
+    # cat writes each value once; F.pad would fill the whole tensor with zeros first
+    zeros_BHL1 = x_BHLK.new_zeros(B, H, L, 1)
+    padded_BHF = torch.cat([zeros_BHL1, x_BHLK], dim=-1).view(B, H, L * (K + 1))
     return padded_BHF[:, :, L:].view(B, H, L, K)
 
 
