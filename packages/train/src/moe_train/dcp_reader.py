@@ -5,7 +5,7 @@ time at the start of every command that only reads a model (`generate`, `eval`, 
 A folder that DCP's FileSystemWriter wrote holds `.metadata` (a pickled `Metadata`: each tensor's
 dtype, global size and chunks, and where each chunk lies) and `.distcp` files, in which each chunk
 is a `torch.save`d tensor at an offset. `.metadata` is read by an unpickler that admits only the
-classes DCP's metadata is made of (taken as plain records), torch's sizes and dtypes and paths, so
+classes DCP's metadata is made of (taken as plain records), torch's sizes and dtypes, and paths, so
 it runs no code of the file; the chunks are read with `torch.load(weights_only=True)`.
 
 Whatever this reader does not know (another class in `.metadata`, another DCP version, stream
