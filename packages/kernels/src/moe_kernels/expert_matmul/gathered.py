@@ -98,7 +98,7 @@ def _chosen_body(
                 (x_TD, out_TD) if T == 1 else (x_TD[token : token + 1], out_TD[token : token + 1])
             )
         else:
-            tokens = torch.tensor([n // K for n in rows])
+            tokens = torch.tensor([n // K for n in rows], device=x_TD.device)
             x_RD = x_TD.index_select(0, tokens)
         h_RG = torch.mm(x_RD, w1_EDG.select(0, e))
         if w3_EDG is None:
@@ -109,7 +109,7 @@ def _chosen_body(
             out_RD.addmm_(a_RG, w2_EGD.select(0, e), alpha=gate_of[n])
         else:
             y_RD = torch.mm(a_RG, w2_EGD.select(0, e)).mul_(
-                gates_N.index_select(0, torch.tensor(rows))[:, None]
+                gates_N.index_select(0, torch.tensor(rows, device=x_TD.device))[:, None]
             )
             out_TD.index_add_(0, tokens, y_RD)
     return out_TD
