@@ -76,7 +76,7 @@ def test_small_batch_paths_refuse_gradients(backend):
 def test_chosen_path_names_ids_out_of_range():
     args = _good(E=4)
     args["idx"][1, 0] = 4
-    with pytest.raises(ValueError, match=r"expert id 4, outside \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 4\], outside \[0, 4\)"):
         moe_kernels.expert_mlp(**args, backend="chosen")
 
 

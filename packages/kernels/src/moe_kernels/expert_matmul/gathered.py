@@ -81,10 +81,10 @@ def _chosen_body(
     E = w1_EDG.shape[0]
     out_TD = x_TD.new_zeros(T, x_TD.shape[1])
     ids_N = idx_TK.reshape(-1).tolist()
+    if ids_N and (min(ids_N) < 0 or max(ids_N) >= E):
+        check_idx_values(idx_TK, E)  # its error, the one the other paths give
     rows_of = {}
     for n, e in enumerate(ids_N):
-        if not 0 <= e < E:
-            raise ValueError(f"idx holds expert id {e}, outside [0, {E}) (E = {E})")
         rows_of.setdefault(e, []).append(n)
     gates_N = gates_TK.reshape(-1)
     gate_of = gates_N.tolist()
